@@ -1,0 +1,398 @@
+/**
+ * A TCP echo server on the readiness loop of loop.ts: an accept callback
+ * registers each connection with a read callback, and the read callback
+ * sends back whatever arrives.
+ *
+ * ```sh
+ * deno run --allow-net=127.0.0.1 main.ts --port 8888
+ * ```
+ *
+ * @module
+ */
+
+import { READ, Selector, type SelectorKey, WRITE } from "./loop.ts";
+import { type Flags, parseFlags, UsageError } from "./cli.ts";
+
+/** How much the server prints. */
+export type LogLevel = "quiet" | "info" | "verbose";
+
+/** Options for {@linkcode serve}. */
+export interface ServeOptions {
+  /** The address to listen on. @default {"127.0.0.1"} */
+  hostname?: string;
+  /** The port; 0 picks a free one. @default {8888} */
+  port?: number;
+  /** Connections served at once; more wait in the kernel's backlog. @default {10000} */
+  maxConns?: number;
+  /** Close connections idle for this many milliseconds; 0 never does. @default {0} */
+  idleTimeout?: number;
+  /** On close(), how long connections may take to finish before they are cut. @default {5000} */
+  gracePeriod?: number;
+  /** `quiet`: errors only; `info`: a line per connection; `verbose`: and per echo. @default {"info"} */
+  logLevel?: LogLevel;
+}
+
+/** Counters of a running server. */
+export interface ServerStats {
+  /** Connections open now. */
+  open: number;
+  /** Connections accepted since the start. */
+  accepted: number;
+  /** Bytes received from all connections, each queued to be echoed. */
+  bytes: number;
+}
+
+/** A running echo server. */
+export interface Server {
+  /** The address it listens on, with the real port. */
+  readonly addr: Deno.NetAddr;
+  /** Live counters. */
+  readonly stats: Readonly<ServerStats>;
+  /**
+   * Shuts down gracefully: stops accepting, writes back every byte already
+   * read, closes every connection (cutting those still open after the grace
+   * period).
+   *
+   * @returns The same promise as {@linkcode Server.finished}.
+   */
+  close(): Promise<void>;
+  /** Settles when the server has shut down. */
+  readonly finished: Promise<void>;
+}
+
+/** What the server keeps for each connection. */
+interface Connection {
+  /** The peer's address, for log lines. */
+  peer: string;
+  /** Bytes received, each echoed (or queued to be). */
+  bytes: number;
+  /** performance.now() of the last read, for the idle timeout. */
+  lastRead: number;
+}
+
+type ConnKey = SelectorKey<Connection>;
+
+/**
+ * Starts an echo server.
+ *
+ * @example Usage
+ * ```ts
+ * import { serve } from "./main.ts";
+ * import { assertEquals } from "@std/assert";
+ *
+ * const server = serve({ port: 0, logLevel: "quiet" });
+ * const conn = await Deno.connect({ port: server.addr.port });
+ * await conn.write(new TextEncoder().encode("hello"));
+ * const reply = new Uint8Array(5);
+ * assertEquals(await conn.read(reply), 5);
+ * conn.close();
+ * await server.close();
+ * ```
+ *
+ * @param options Where to listen, limits and logging.
+ * @returns The running server.
+ * @throws What `Deno.listen` throws: `Deno.errors.AddrInUse`, `NotCapable`...
+ */
+export function serve(options: ServeOptions = {}): Server {
+  const {
+    hostname = "127.0.0.1",
+    port = 8888,
+    maxConns = 10_000,
+    idleTimeout = 0,
+    gracePeriod = 5000,
+    logLevel = "info",
+  } = options;
+  const info = logLevel === "quiet" ? () => {} : console.log;
+  const verbose = logLevel === "verbose";
+
+  const listener = Deno.listen({ hostname, port });
+  const selector = new Selector();
+  const connections = new Set<ConnKey>();
+  const stats: ServerStats = { open: 0, accepted: 0, bytes: 0 };
+  let outOfDescriptors = false;
+  let shuttingDown = false;
+
+  function accept(key: SelectorKey, _mask: number): void {
+    let conn: Deno.TcpConn;
+    try {
+      conn = key.accept() as Deno.TcpConn; // should be ready
+    } catch (error) {
+      return acceptFailed(error);
+    }
+    if (outOfDescriptors) {
+      outOfDescriptors = false;
+      console.error("accepting again");
+    }
+    conn.setNoDelay(true); // Deno leaves Nagle on: small echoes would wait ~40 ms
+    const peer = formatAddr(conn.remoteAddr);
+    info(`${peer} connected`);
+    const data = { peer, bytes: 0, lastRead: idleTimeout && performance.now() };
+    connections.add(selector.register(conn, READ, read, data));
+    stats.open++;
+    stats.accepted++;
+    if (stats.open >= maxConns) {
+      selector.modify(listener, 0); // the kernel's backlog holds newcomers
+      info(`${maxConns} connections open: new ones wait until one closes`);
+    }
+  }
+
+  function acceptFailed(error: unknown): void {
+    if (
+      error instanceof Deno.errors.NotConnected ||
+      error instanceof Deno.errors.ConnectionAborted ||
+      error instanceof Deno.errors.ConnectionReset
+    ) return; // the peer left before we accepted it
+    if (/too many open files/i.test(String(error))) {
+      if (!outOfDescriptors) {
+        outOfDescriptors = true;
+        console.error(
+          "out of file descriptors: pausing accepts until connections close (raise `ulimit -n` or lower --max-conns)",
+        );
+      }
+      return; // loop.ts backs off before the next accept
+    }
+    console.error(`accept failed: ${describe(error)}`);
+  }
+
+  function read(key: ConnKey, _mask: number): void {
+    let data: Uint8Array | null;
+    try {
+      data = key.recv(); // should be ready
+    } catch (error) {
+      return close(key, error); // a reset or the like: this connection only
+    }
+    if (data) {
+      if (verbose) info(`${key.data.peer} echoing ${data.length} bytes`);
+      key.data.bytes += data.length;
+      stats.bytes += data.length;
+      if (idleTimeout) key.data.lastRead = performance.now();
+      key.send(data); // queued: the loop writes every byte
+    } else {
+      // EOF: the peer is done sending. Write back what is queued, then close.
+      selector.modify(key.resource, WRITE, flushed);
+    }
+  }
+
+  function flushed(key: ConnKey, _mask: number): void {
+    close(key, key.error);
+  }
+
+  function close(key: ConnKey, error?: unknown): void {
+    selector.unregister(key.resource);
+    key.resource.close();
+    connections.delete(key);
+    stats.open--;
+    const { peer, bytes } = key.data;
+    info(
+      error
+        ? `${peer} closed after ${bytes} bytes: ${describe(error)}`
+        : `${peer} closed, ${bytes} bytes echoed`,
+    );
+    if (shuttingDown) {
+      if (stats.open === 0) selector.close();
+    } else if (stats.open === maxConns - 1) {
+      selector.modify(listener, READ);
+    }
+  }
+
+  // Graceful shutdown: write back what was read, then half-close and wait for
+  // the peer's EOF (closing with unread input would send a reset, which can
+  // destroy echoed bytes still in flight); input that arrives now is dropped.
+  function drained(key: ConnKey, _mask: number): void {
+    if (key.error) return close(key, key.error);
+    try {
+      (key.resource as Deno.Conn).closeWrite();
+    } catch (error) {
+      return close(key, error);
+    }
+    selector.modify(key.resource, READ, discard);
+  }
+
+  function discard(key: ConnKey, _mask: number): void {
+    let data: Uint8Array | null;
+    try {
+      data = key.recv();
+    } catch (error) {
+      return close(key, error);
+    }
+    if (data === null) close(key);
+  }
+
+  function shutdown(): Promise<void> {
+    if (shuttingDown) return finished;
+    shuttingDown = true;
+    clearInterval(idleTimer);
+    selector.unregister(listener);
+    listener.close();
+    if (connections.size === 0) selector.close();
+    for (const key of connections) {
+      selector.modify(key.resource, WRITE, drained);
+    }
+    const graceTimer = setTimeout(() => {
+      for (const key of connections) close(key, new Error("grace period over"));
+    }, gracePeriod);
+    const stopTimer = () => clearTimeout(graceTimer);
+    finished.then(stopTimer, stopTimer);
+    return finished;
+  }
+
+  function closeIdle(): void {
+    const now = performance.now();
+    for (const key of connections) {
+      if (now - key.data.lastRead > idleTimeout) {
+        close(key, new Error(`idle for over ${idleTimeout / 1000} s`));
+      }
+    }
+  }
+
+  selector.register(listener, READ, accept);
+  const idleTimer = idleTimeout > 0
+    ? setInterval(closeIdle, Math.min(1000, idleTimeout / 2))
+    : undefined;
+  const finished = selector.run().finally(() => {
+    clearInterval(idleTimer);
+    if (!shuttingDown) listener.close();
+  });
+  return {
+    addr: listener.addr,
+    stats,
+    close: shutdown,
+    finished,
+  };
+}
+
+/** `host:port`, with brackets for IPv6. */
+function formatAddr(addr: Deno.Addr): string {
+  if (addr.transport !== "tcp") return addr.transport;
+  const host = addr.hostname.includes(":") ? `[${addr.hostname}]` : addr.hostname;
+  return `${host}:${addr.port}`;
+}
+
+/** An error as a short phrase: its Deno class name, or its message. */
+function describe(error: unknown): string {
+  if (error instanceof Error) {
+    const known = error.name !== "Error" ? `${error.name}: ` : "";
+    return `${known}${error.message}`;
+  }
+  return String(error);
+}
+
+const USAGE =
+  `usage: deno run --allow-net=127.0.0.1 main.ts [--host H] [--port N] [--max-conns N] [--idle-timeout S] [--verbose | --quiet]`;
+
+const HELP = `A TCP echo server: sends back every byte it receives.
+
+${USAGE}
+
+  --host H           address to listen on (default 127.0.0.1; 0.0.0.0 exposes it to the network)
+  --port N           port, 0 picks a free one (default 8888)
+  --max-conns N      connections served at once; more wait in the kernel's backlog (default 10000)
+  --idle-timeout S   close connections idle for S seconds (default 0: never)
+  --verbose          also log every echo
+  --quiet            log errors only
+  --help             show this help
+
+SIGINT or SIGTERM shuts down gracefully: a second one exits at once.`;
+
+const FLAGS = {
+  host: { type: "text" },
+  port: { type: "integer", min: 0, max: 65535 },
+  "max-conns": { type: "integer", min: 1 },
+  "idle-timeout": { type: "number", min: 0 },
+  verbose: { type: "boolean" },
+  quiet: { type: "boolean" },
+  help: { type: "boolean" },
+} as const;
+
+/** Reads the command line into serve() options, or throws a UsageError. */
+function optionsFrom(flags: Flags): ServeOptions {
+  if (flags.verbose && flags.quiet) {
+    throw new UsageError("--verbose and --quiet do not go together");
+  }
+  return {
+    hostname: flags.host as string | undefined,
+    port: flags.port as number | undefined,
+    maxConns: flags["max-conns"] as number | undefined,
+    idleTimeout: ((flags["idle-timeout"] as number | undefined) ?? 0) * 1000,
+    logLevel: flags.quiet ? "quiet" : flags.verbose ? "verbose" : "info",
+  };
+}
+
+/** Why listening failed, in one line with what to do about it. */
+function listenError(error: unknown, host: string, port: number): string {
+  const where = `${host}:${port}`;
+  if (error instanceof Deno.errors.AddrInUse) {
+    return `port ${port} on ${host} is already in use: stop the other server or choose another port with --port`;
+  }
+  if (error instanceof Deno.errors.NotCapable) {
+    return `no permission to listen on ${where}: run with --allow-net=${host} (deno task start does)`;
+  }
+  if (error instanceof Deno.errors.AddrNotAvailable) {
+    return `cannot listen on ${host}: it is not an address of this machine (check --host)`;
+  }
+  if (error instanceof Deno.errors.PermissionDenied) {
+    return `not allowed to listen on ${where}: ports below 1024 need privileges; choose another with --port`;
+  }
+  if (/lookup address|name or service not known/i.test(String(error))) {
+    return `cannot resolve host "${host}": check --host`;
+  }
+  return `cannot listen on ${where}: ${describe(error)}`;
+}
+
+function isLoopback(host: string): boolean {
+  return host.startsWith("127.") || host === "::1" ||
+    host === "::ffff:127.0.0.1";
+}
+
+/**
+ * Runs the server from the command line until SIGINT or SIGTERM.
+ *
+ * @param args The command-line arguments.
+ * @returns The exit code: 0 after a clean shutdown, 1 if it could not start, 2 on bad usage.
+ */
+export async function main(args: string[]): Promise<number> {
+  let options: ServeOptions;
+  try {
+    const flags = parseFlags(args, FLAGS);
+    if (flags.help) {
+      console.log(HELP);
+      return 0;
+    }
+    options = optionsFrom(flags);
+  } catch (error) {
+    if (!(error instanceof UsageError)) throw error;
+    console.error(`main.ts: ${error.message}\n${USAGE}`);
+    return 2;
+  }
+  const { hostname = "127.0.0.1", port = 8888 } = options;
+  let server: Server;
+  try {
+    server = serve(options);
+  } catch (error) {
+    console.error(`main.ts: ${listenError(error, hostname, port)}`);
+    return 1;
+  }
+  const { addr } = server;
+  if (options.logLevel !== "quiet") {
+    const exposed = isLoopback(addr.hostname) ? "" : " (reachable from the network)";
+    console.log(`listening on ${formatAddr(addr)}${exposed}`);
+  }
+  let signals = 0;
+  const onSignal = () => {
+    if (++signals > 1) Deno.exit(1); // a second signal: leave at once
+    if (options.logLevel !== "quiet") {
+      console.log(
+        `shutting down: ${server.stats.open} connections to finish (again to force)`,
+      );
+    }
+    server.close();
+  };
+  Deno.addSignalListener("SIGINT", onSignal);
+  Deno.addSignalListener("SIGTERM", onSignal);
+  await server.finished;
+  Deno.removeSignalListener("SIGINT", onSignal);
+  Deno.removeSignalListener("SIGTERM", onSignal);
+  return 0;
+}
+
+if (import.meta.main) Deno.exit(await main(Deno.args));
