@@ -1,0 +1,38 @@
+/**
+ * `deno task test`: runs `deno test` with the real `@std/assert` and `@std/net`
+ * where JSR can be reached (or they are cached), and otherwise with the small
+ * stand-ins in testing/std/, saying so in one line on stderr. Either way every
+ * test runs. Extra arguments go to `deno test` (e.g. `--filter half-close`).
+ *
+ * @module
+ */
+
+/** What the tests may do: serve and connect on loopback, run deno, read /proc. */
+const PERMISSIONS = [
+  // 0.0.0.0: @std/net's getAvailablePort() probes the wildcard address.
+  "--allow-net=127.0.0.1,0.0.0.0",
+  // The tests start main.ts and client.ts as a user would.
+  "--allow-run=deno",
+  // Open descriptors and memory of the server, for the leak tests.
+  "--allow-read=/proc",
+];
+
+async function run(args: string[], quiet = false): Promise<number> {
+  const io = quiet ? "null" : "inherit";
+  const { code } = await new Deno.Command("deno", { args, stdout: io, stderr: io }).output();
+  return code;
+}
+
+const here = new URL(".", import.meta.url);
+const probe = new URL("std_probe.ts", here).pathname;
+const standIns = new URL("std/import_map.json", here).pathname;
+
+const online = await run(["install", "--quiet", "--entrypoint", probe], true) === 0;
+const importMap: string[] = [];
+if (!online) {
+  console.error(
+    "JSR is unreachable: testing with the stand-ins for @std/assert and @std/net in testing/std/",
+  );
+  importMap.push(`--import-map=${standIns}`);
+}
+Deno.exit(await run(["test", "--doc", ...PERMISSIONS, ...importMap, ...Deno.args]));
