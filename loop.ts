@@ -55,7 +55,7 @@ export type Resource = Deno.Listener | Deno.Conn;
 export type Callback<T = unknown> = (key: SelectorKey<T>, mask: number) => void;
 
 /** One `[key, mask]` pair of a {@linkcode Selector.select} result. */
-export type ReadyEvent = [key: SelectorKey<unknown>, mask: number];
+export type ReadyEvent = [key: SelectorKey, mask: number];
 
 /** A registered resource: what it is, what it waits for, and its I/O. */
 export interface SelectorKey<T = unknown> {
@@ -63,8 +63,11 @@ export interface SelectorKey<T = unknown> {
   readonly resource: Resource;
   /** The events of interest: a mix of {@linkcode READ} and {@linkcode WRITE}. */
   readonly events: number;
-  /** The function {@linkcode Selector.run} calls when the key is ready. */
-  readonly callback: Callback<T>;
+  /**
+   * The function {@linkcode Selector.run} calls when the key is ready. (Declared
+   * as a method so that any key is a `SelectorKey<unknown>`.)
+   */
+  callback(key: SelectorKey<T>, mask: number): void;
   /** Anything you attach to the key. */
   data: T;
   /** Bytes queued by `send()` and not yet written. */

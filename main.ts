@@ -40,6 +40,8 @@ export interface ServerStats {
   accepted: number;
   /** Bytes received from all connections, each queued to be echoed. */
   bytes: number;
+  /** Bytes received and not yet written back, over all connections. */
+  readonly queued: number;
 }
 
 /** A running echo server. */
@@ -108,7 +110,16 @@ export function serve(options: ServeOptions = {}): Server {
   const listener = Deno.listen({ hostname, port });
   const selector = new Selector();
   const connections = new Set<ConnKey>();
-  const stats: ServerStats = { open: 0, accepted: 0, bytes: 0 };
+  const stats: ServerStats = {
+    open: 0,
+    accepted: 0,
+    bytes: 0,
+    get queued() {
+      let queued = 0;
+      for (const key of connections) queued += key.queued;
+      return queued;
+    },
+  };
   let outOfDescriptors = false;
   let shuttingDown = false;
 

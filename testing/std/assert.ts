@@ -75,8 +75,14 @@ export async function assertRejects<E extends Error = Error>(
   ErrorClass?: ErrorClass<E>,
   msgIncludes?: string,
 ): Promise<E> {
+  let promise: PromiseLike<unknown>;
   try {
-    await fn();
+    promise = fn();
+  } catch {
+    throw new AssertionError("Function throws when expected to reject");
+  }
+  try {
+    await promise;
   } catch (error) {
     return checkError(error, ErrorClass, msgIncludes);
   }

@@ -1,0 +1,280 @@
+import { assert, assertEquals, assertRejects, assertThrows } from "@std/assert";
+import { READ, Selector, type SelectorKey, WRITE } from "./loop.ts";
+
+/** A connected TCP pair on loopback: [our end, the peer's end]. */
+async function connectedPair(): Promise<[Deno.TcpConn, Deno.TcpConn]> {
+  using listener = Deno.listen({ hostname: "127.0.0.1", port: 0 });
+  const [ours, peer] = await Promise.all([
+    listener.accept(),
+    Deno.connect({ hostname: "127.0.0.1", port: listener.addr.port }),
+  ]);
+  peer.setNoDelay(true);
+  return [ours, peer];
+}
+
+/** Reads from `conn` until `length` bytes came, or EOF. */
+async function readBytes(conn: Deno.Conn, length: number): Promise<Uint8Array> {
+  const bytes = new Uint8Array(length);
+  let got = 0;
+  while (got < length) {
+    const n = await conn.read(bytes.subarray(got));
+    if (n === null) break;
+    got += n;
+  }
+  return bytes.subarray(0, got);
+}
+
+/** Selects until `key` is reported, and returns its mask. */
+async function nextEvent(selector: Selector, key: SelectorKey<unknown>): Promise<number> {
+  for (let i = 0; i < 1000; i++) {
+    for (const [ready, mask] of await selector.select(5000)) if (ready === key) return mask;
+  }
+  throw new Error("the key never became ready");
+}
+
+const noop = () => {};
+const text = (s: string) => new TextEncoder().encode(s);
+
+Deno.test("select() with a timeout returns nothing when nothing is ready", async () => {
+  const [ours, peer] = await connectedPair();
+  const selector = new Selector();
+  selector.register(ours, READ, noop);
+  const start = performance.now();
+  assertEquals(await selector.select(50), []);
+  assert(performance.now() - start >= 40, "select(50) returned early");
+  assertEquals(await selector.select(0), []);
+  selector.close();
+  peer.close();
+});
+
+Deno.test("an empty selector's select() returns at once", async () => {
+  const selector = new Selector();
+  assertEquals(await selector.select(), []);
+});
+
+Deno.test("a listener key becomes READ-ready and accept() takes the connection", async () => {
+  const listener = Deno.listen({ hostname: "127.0.0.1", port: 0 });
+  const selector = new Selector();
+  const key = selector.register(listener, READ, noop, "data");
+  assertEquals(key.data, "data");
+  assertEquals(key.resource, listener);
+  const peer = await Deno.connect({ hostname: "127.0.0.1", port: listener.addr.port });
+  assertEquals(await nextEvent(selector, key), READ);
+  const conn = key.accept();
+  assertEquals((conn.remoteAddr as Deno.NetAddr).port, (peer.localAddr as Deno.NetAddr).port);
+  conn.close();
+  peer.close();
+  selector.close();
+});
+
+Deno.test("recv() returns the bytes, then null at EOF, and null again after", async () => {
+  const [ours, peer] = await connectedPair();
+  const selector = new Selector();
+  const key = selector.register(ours, READ, noop);
+  await peer.write(text("hello"));
+  assertEquals(await nextEvent(selector, key), READ);
+  assertEquals(key.recv(), text("hello"));
+  assertThrows(() => key.recv(), Deno.errors.WouldBlock);
+  peer.close();
+  assertEquals(await nextEvent(selector, key), READ);
+  assertEquals(key.recv(), null);
+  assertEquals(key.recv(), null);
+  selector.close();
+});
+
+Deno.test("modify() to interest 0 pauses a key and back to READ resumes it", async () => {
+  const [ours, peer] = await connectedPair();
+  const selector = new Selector();
+  const key = selector.register(ours, 0, noop);
+  await peer.write(text("early"));
+  assertEquals(await selector.select(50), []);
+  const first = () => {};
+  selector.modify(ours, READ, first, 7);
+  assertEquals([key.events, key.callback, key.data], [READ, first, 7]);
+  assertEquals(await nextEvent(selector, key), READ);
+  assertEquals(key.recv(), text("early"));
+  selector.close();
+  peer.close();
+});
+
+Deno.test("unregister() stops reporting a key; unknown and double registrations throw", async () => {
+  const [ours, peer] = await connectedPair();
+  const selector = new Selector();
+  const key = selector.register(ours, READ, noop);
+  assertThrows(() => selector.register(ours, READ, noop), Error, "already registered");
+  assertEquals(selector.getKey(ours), key);
+  assertEquals(selector.unregister(ours), key);
+  assertEquals(selector.getKey(ours), undefined);
+  assertEquals(selector.size, 0);
+  assertThrows(() => selector.unregister(ours), Error, "not registered");
+  assertThrows(() => selector.modify(ours, READ), Error, "not registered");
+  await peer.write(text("ignored"));
+  assertEquals(await selector.select(20), []);
+  ours.close(); // ends the read Deno still had in flight
+  peer.close();
+});
+
+Deno.test("invalid interest masks are refused", async () => {
+  const [ours, peer] = await connectedPair();
+  using listener = Deno.listen({ hostname: "127.0.0.1", port: 0 });
+  const selector = new Selector();
+  assertThrows(() => selector.register(listener, WRITE, noop), RangeError);
+  assertThrows(() => selector.register(ours, 4, noop), RangeError);
+  assertThrows(() => selector.register(ours, 1.5, noop), RangeError);
+  assertEquals(selector.size, 0);
+  ours.close();
+  peer.close();
+});
+
+Deno.test("WRITE is ready while nothing is queued, and again once a send() is written", async () => {
+  const [ours, peer] = await connectedPair();
+  const selector = new Selector();
+  const key = selector.register(ours, WRITE, noop);
+  assertEquals(await nextEvent(selector, key), WRITE);
+  key.send(text("abc"));
+  assertEquals(key.queued, 3);
+  assertEquals(await nextEvent(selector, key), WRITE);
+  assertEquals(key.queued, 0);
+  assertEquals(await readBytes(peer, 3), text("abc"));
+  selector.close();
+  peer.close();
+});
+
+Deno.test("send() writes every byte of a large payload in order, across partial writes", async () => {
+  const [ours, peer] = await connectedPair();
+  const selector = new Selector();
+  const key = selector.register(ours, 0, noop);
+  const payload = new Uint8Array(8 << 20).map((_, i) => (i * 7) % 251);
+  for (let i = 0; i < payload.length; i += 1 << 20) key.send(payload.subarray(i, i + (1 << 20)));
+  const received = await readBytes(peer, payload.length);
+  assertEquals(received.length, payload.length);
+  assertEquals(received, payload);
+  assertEquals(key.queued, 0);
+  selector.close();
+  peer.close();
+});
+
+Deno.test("reads pause above the high-water mark until the peer reads", async () => {
+  const [ours, peer] = await connectedPair();
+  const selector = new Selector({ highWaterMark: 1024, lowWaterMark: 256 });
+  let received = 0;
+  const echo = (key: SelectorKey) => {
+    const data = key.recv();
+    if (data) {
+      received += data.length;
+      key.send(data.slice()); // a copy: the read buffer is free at once
+    }
+  };
+  selector.register(ours, READ, echo);
+  const running = selector.run();
+  // The peer writes 16 MiB and reads nothing until its writes stall.
+  const total = 16 << 20;
+  const writing = (async () => {
+    const chunk = new Uint8Array(64 * 1024);
+    for (let sent = 0; sent < total;) sent += await peer.write(chunk.subarray(0, total - sent));
+  })();
+  await new Promise((resolve) => setTimeout(resolve, 300));
+  const stalledAt = received;
+  assert(stalledAt < total, "the server kept reading while its echo was not read");
+  assert(selector.getKey(ours)!.queued <= 1024 + 64 * 1024, "queued beyond the bound");
+  const echoed = await readBytes(peer, total);
+  await writing;
+  assertEquals(echoed.length, total);
+  assertEquals(received, total);
+  selector.close();
+  await running;
+  peer.close();
+});
+
+Deno.test("a reset reaches its key as an error from recv(), never as an unhandled rejection", async () => {
+  // A listener closed with a connection it never accepted resets that connection.
+  const listener = Deno.listen({ hostname: "127.0.0.1", port: 0 });
+  const conn = await Deno.connect({ hostname: "127.0.0.1", port: listener.addr.port });
+  const selector = new Selector();
+  const key = selector.register(conn, READ, noop);
+  listener.close();
+  assertEquals(await nextEvent(selector, key), READ);
+  assertThrows(() => key.recv(), Deno.errors.ConnectionReset);
+  assert(key.error instanceof Deno.errors.ConnectionReset);
+  assertThrows(() => key.send(text("more")), Deno.errors.ConnectionReset);
+  selector.close();
+});
+
+Deno.test("a callback that leaves its result is called again, without starving I/O", async () => {
+  const [ours, peer] = await connectedPair();
+  const selector = new Selector();
+  let calls = 0;
+  const key = selector.register(ours, READ, () => {
+    if (++calls === 3) key.recv();
+  });
+  await peer.write(text("x"));
+  for (let i = 0; i < 3; i++) {
+    for (const [k, mask] of await selector.select(1000)) k.callback(k, mask);
+  }
+  assertEquals(calls, 3);
+  // A timer still fires while a key stays ready and is never taken.
+  const stubborn = selector.register(peer, READ, noop);
+  await ours.write(text("y"));
+  let timerFired = false;
+  setTimeout(() => timerFired = true, 1);
+  for (let i = 0; i < 1000 && !timerFired; i++) await selector.select(1000);
+  assert(timerFired);
+  assertEquals(stubborn.recv(), text("y"));
+  selector.close();
+});
+
+Deno.test("run() calls each ready key's callback and ends when no key is left", async () => {
+  const listener = Deno.listen({ hostname: "127.0.0.1", port: 0 });
+  const selector = new Selector();
+  const seen: string[] = [];
+  selector.register(listener, READ, (key) => {
+    const conn = key.accept();
+    seen.push("accept");
+    selector.register(conn, READ, (key: SelectorKey) => {
+      const data = key.recv();
+      seen.push(data ? "read" : "eof");
+      if (!data) {
+        selector.unregister(conn);
+        conn.close();
+        selector.unregister(listener);
+        listener.close();
+      }
+    });
+  });
+  const running = selector.run();
+  const peer = await Deno.connect({ hostname: "127.0.0.1", port: listener.addr.port });
+  await peer.write(text("hi"));
+  await new Promise((resolve) => setTimeout(resolve, 20));
+  peer.close();
+  await running;
+  assertEquals(seen, ["accept", "read", "eof"]);
+});
+
+Deno.test("close() closes every resource and wakes a waiting select()", async () => {
+  const [ours, peer] = await connectedPair();
+  const selector = new Selector();
+  selector.register(ours, READ, noop);
+  const waiting = selector.select();
+  selector.close();
+  assertEquals(await waiting, []);
+  await assertRejects(() => ours.write(text("x")), Deno.errors.BadResource);
+  assertThrows(() => selector.register(peer, READ, noop), Error, "closed");
+  await selector.run(); // returns at once: the selector is closed
+  peer.close();
+});
+
+Deno.test("only one select() may wait at a time", async () => {
+  const [ours, peer] = await connectedPair();
+  const selector = new Selector();
+  selector.register(ours, READ, noop);
+  const waiting = selector.select();
+  await assertRejects(() => selector.select(), Error, "another select()");
+  selector.close();
+  await waiting;
+  peer.close();
+});
+
+Deno.test("water marks are checked", () => {
+  assertThrows(() => new Selector({ highWaterMark: 10, lowWaterMark: 20 }), RangeError);
+  assertThrows(() => new Selector({ lowWaterMark: -1 }), RangeError);
+});
