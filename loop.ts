@@ -111,11 +111,18 @@ export interface SelectorOptions {
 }
 
 /** The smallest and largest read buffers; an idle connection waits on the smallest. */
-const MIN_READ = 1024;
+const MIN_READ = 256;
 const MAX_READ = 64 * 1024;
 /** Back-off between accepts while the process is out of file descriptors. */
 const MIN_BACKOFF_MS = 10;
 const MAX_BACKOFF_MS = 500;
+/** A read pending this long, overtaken by this many others, is starving: see Scheduler. */
+const STARVING_MS = 5;
+const STARVING_OVERTAKEN = 128;
+/** The longest a hold of new reads lasts. */
+const HOLD_MAX_MS = 50;
+/** A read that outlasts holds is watched with patience STARVING_MS << 0..12 (up to 20 s). */
+const PATIENCE_LEVELS = 13;
 
 /** Accept errors caused by a peer that left before we accepted it: retry at once. */
 function peerLeft(error: unknown): boolean {
@@ -130,139 +137,309 @@ function resourceGone(error: unknown): boolean {
     error instanceof Deno.errors.Interrupted;
 }
 
-/** Which key lent its read buffer: `send()` of those bytes holds that key's reads. */
-const lenders = new WeakMap<ArrayBufferLike, Key>();
+/** Checks an interest mask: READ and WRITE bits only, READ only for a listener. */
+function checkEvents(resource: Resource, events: number): number {
+  const isConn = "read" in resource;
+  const valid = isConn ? READ | WRITE : READ;
+  if (!Number.isInteger(events) || (events & ~valid) !== 0) {
+    throw new RangeError(
+      `Invalid events ${events}: a ${
+        isConn ? "connection takes READ and WRITE" : "listener takes READ"
+      }`,
+    );
+  }
+  return events;
+}
 
-/** The dispatcher's view of the selector: where ready keys go. */
-interface ReadyQueue {
-  /** Lists a key that may be ready; returns whether it was added. */
-  push(key: Key): boolean;
-  /** Keeps a key's read buffer untouched until the next select(). */
-  hold(key: Key): void;
+/** Which key lent its read buffer: `send()` of those bytes holds that key's reads. */
+const lenders = new WeakMap<ArrayBufferLike, ConnKey>();
+
+/**
+ * Pending reads watched for starvation, in the order they are due: per read its
+ * key, the key's read number (to skip reads completed since), when it is due,
+ * and how many reads had completed when it was added.
+ */
+class Watchlist {
+  #keys: ConnKey[] = [];
+  #marks: number[] = []; // three numbers per read
+  #head = 0;
+
+  add(key: ConnKey, due: number, completed: number): void {
+    this.#keys.push(key);
+    this.#marks.push(key.reads, due, completed);
+  }
+
+  /** Whether the first pending read is due at `now`, after `overtaken` others completed. */
+  due(now: number, completed: number, overtaken: number): boolean {
+    const head = this.#skip();
+    const marks = this.#marks;
+    return head < this.#keys.length && marks[3 * head + 1] <= now &&
+      completed - marks[3 * head + 2] > overtaken;
+  }
+
+  /** Removes the reads due at `now` and still pending, and returns their keys. */
+  takeDue(now: number): ConnKey[] {
+    const keys = this.#keys;
+    const marks = this.#marks;
+    const due = [];
+    let i = this.#skip();
+    for (; i < keys.length && marks[3 * i + 1] <= now; i++) {
+      if (keys[i].reading && keys[i].reads === marks[3 * i]) due.push(keys[i]);
+    }
+    this.#head = i;
+    return due;
+  }
+
+  /** Drops completed reads from the front; returns the index of the first pending one. */
+  #skip(): number {
+    const keys = this.#keys;
+    const marks = this.#marks;
+    let head = this.#head;
+    while (head < keys.length && !(keys[head].reading && keys[head].reads === marks[3 * head])) {
+      head++;
+    }
+    if (head > 1024 && head * 2 > keys.length) { // compact now and then
+      keys.splice(0, head);
+      marks.splice(0, 3 * head);
+      head = 0;
+    }
+    return this.#head = head;
+  }
+}
+
+/**
+ * The machinery every key of a selector shares: the ready list, the wake-up of
+ * the waiting select(), and fairness between connections.
+ *
+ * Fairness: when a server saturates its core, Deno (tokio under it) serves the
+ * reads whose data arrived last before those it had to postpone, so a few hundred
+ * busy connections can starve the others for seconds although their bytes have
+ * arrived. No order of callbacks in JS fixes that; holding new reads does. So the
+ * scheduler watches the reads it starts, and when one has been pending for
+ * STARVING_MS while STARVING_OVERTAKEN others completed, it holds new reads
+ * (dispatch goes on) until the runtime has worked through the pending ones.
+ */
+class Scheduler {
   readonly highWaterMark: number;
   readonly lowWaterMark: number;
+  /** performance.now() when select() last returned: the start time of reads begun since. */
+  now = 0;
+  #ready: Key[] = []; // keys that may be ready, each once
+  #spare: Key[] = []; // the previous ready array, reused
+  #held: Key[] = []; // keys reported (or recv()'d) since the last select()
+  #wake: (() => void) | undefined = undefined; // resolves the waiting select()
+  // Watched reads by patience: STARVING_MS << n.
+  #watchlists = Array.from({ length: PATIENCE_LEVELS }, () => new Watchlist());
+  #completed = 0; // reads completed so far
+  #deferred: ConnKey[] | undefined = undefined; // while holding: keys waiting to read
+  #owed = 0; // while holding: starving reads not yet served
+  #holdTimer: ReturnType<typeof setTimeout> | undefined = undefined;
+
+  constructor(highWaterMark: number, lowWaterMark: number) {
+    this.highWaterMark = highWaterMark;
+    this.lowWaterMark = lowWaterMark;
+  }
+
+  get readyCount(): number {
+    return this.#ready.length;
+  }
+
+  /** Lists a key that may be ready, and wakes select(); returns whether it was added. */
+  list(key: Key): boolean {
+    if (key.listed || !key.registered || !(key.readiness & key.events)) return false;
+    key.listed = true;
+    this.#ready.push(key);
+    this.wakeUp();
+    return true;
+  }
+
+  /** Keeps a key's read buffer untouched until the next select(). */
+  hold(key: Key): void {
+    key.held = true;
+    this.#held.push(key);
+  }
+
+  /** Releases the keys held since the last select(); returns how many are still ready. */
+  release(): number {
+    let relisted = 0;
+    for (const key of this.#held) if (key.release()) relisted++;
+    this.#held.length = 0;
+    return relisted;
+  }
+
+  /** Says whether a key may start a read now; if not, it reads when the hold ends. */
+  mayRead(key: ConnKey): boolean {
+    if (this.#deferred) {
+      this.#deferred.push(key);
+      return false;
+    }
+    key.reads++;
+    key.patience = 0;
+    this.#watchlists[0].add(key, this.now + STARVING_MS, this.#completed);
+    return true;
+  }
+
+  /** Counts a read that completed (or failed). */
+  readDone(key: ConnKey): void {
+    this.#completed++;
+    if (key.owed) {
+      key.owed = false;
+      this.#owed--;
+    }
+  }
+
+  /**
+   * If reads are starving, holds new reads (dispatch goes on) until the runtime
+   * has served them: until they complete, a whole timer tick passes with no read
+   * completing (the rest are idle peers), or HOLD_MAX_MS.
+   *
+   * A read still pending after a hold is watched again with twice the patience,
+   * so an idle peer costs a few short holds over its lifetime, not one per tick.
+   */
+  checkFairness(): void {
+    if (this.#deferred) return;
+    const { now } = this;
+    const watchlists = this.#watchlists;
+    if (!watchlists.some((list) => list.due(now, this.#completed, STARVING_OVERTAKEN))) return;
+    const owed: ConnKey[] = [];
+    for (const list of watchlists) owed.push(...list.takeDue(now));
+    for (const key of owed) key.owed = true;
+    this.#owed = owed.length;
+    this.#deferred = [];
+    const deadline = performance.now() + HOLD_MAX_MS;
+    let completed = -1;
+    const check = () => {
+      const stalled = completed === this.#completed;
+      if (!stalled && this.#owed > 0 && performance.now() < deadline) {
+        completed = this.#completed;
+        this.#holdTimer = setTimeout(check, 0);
+        return;
+      }
+      this.#holdTimer = undefined;
+      const later = performance.now();
+      for (const key of owed) {
+        if (!key.owed) continue;
+        key.owed = false;
+        key.patience = Math.min(key.patience + 1, watchlists.length - 1);
+        watchlists[key.patience].add(key, later + (STARVING_MS << key.patience), this.#completed);
+      }
+      this.#owed = 0;
+      const deferred = this.#deferred!;
+      this.#deferred = undefined;
+      for (const key of deferred) key.startInbound();
+    };
+    check();
+  }
+
+  /** Ends a hold at once (the selector is closing). */
+  stop(): void {
+    clearTimeout(this.#holdTimer);
+    this.#holdTimer = undefined;
+    this.#deferred = undefined;
+  }
+
+  /** Waits until a key is listed or the timeout passes (`undefined`: no timeout). */
+  wait(timeout: number | undefined): Promise<void> {
+    return new Promise<void>((resolve) => {
+      if (timeout === undefined) {
+        this.#wake = resolve;
+        return;
+      }
+      const timer = setTimeout(() => {
+        this.#wake = undefined;
+        resolve();
+      }, timeout);
+      this.#wake = () => {
+        clearTimeout(timer);
+        resolve();
+      };
+    });
+  }
+
+  wakeUp(): void {
+    const wake = this.#wake;
+    this.#wake = undefined;
+    wake?.();
+  }
+
+  /** Takes the listed keys that are ready: fills `events`, holds each key reported. */
+  collect(events: ReadyEvent[]): ReadyEvent[] {
+    this.now = performance.now();
+    const ready = this.#ready;
+    this.#ready = this.#spare;
+    this.#spare = ready;
+    events.length = 0;
+    for (let i = 0; i < ready.length; i++) {
+      const key = ready[i];
+      key.listed = false;
+      const mask = key.readiness & key.events;
+      if (!key.registered || mask === 0) continue;
+      key.event[1] = mask;
+      events.push(key.event);
+      if (!key.held) this.hold(key);
+    }
+    ready.length = 0;
+    return events;
+  }
 }
 
 // Keys of any data type live in one map; the public type is SelectorKey<T>.
 // deno-lint-ignore no-explicit-any
 type AnyData = any;
 
-/** The implementation of {@linkcode SelectorKey}; private to this module. */
-class Key implements SelectorKey<AnyData> {
+/** What listener and connection keys share; the implementation of SelectorKey. */
+abstract class Key implements SelectorKey<AnyData> {
   readonly resource: Resource;
   events: number;
   callback: Callback<AnyData>;
   data: AnyData;
+  error: Error | undefined = undefined;
   /** The `[key, mask]` pair select() reports for this key, reused. */
   readonly event: ReadyEvent;
-  /** True while in the selector's ready list (never listed twice). */
+  /** True while in the ready list (never listed twice). */
   listed = false;
   /** False once unregistered: late completions are then dropped. */
   registered = true;
   /** True from the select() that reported the key, or from recv(), to the next select(). */
   held = false;
-
-  readonly #queue: ReadyQueue;
-  readonly #isListener: boolean;
-  // Inbound: one accept or read in flight at a time.
-  #inFlight = false;
-  #accepted: Deno.Conn | null = null;
-  #received: number | null | undefined = undefined; // bytes in #buf, null at EOF
-  #lent = 0; // chunks of #buf queued by send() on some key
-  #buf: Uint8Array = new Uint8Array(0);
-  #nextSize = MIN_READ;
-  #error: Error | undefined = undefined;
-  #gone = false; // the listener was closed: accept no more
-  #backoffMs = 0;
-  #retryAt = 0; // performance.now() before which no accept is tried
-  #retryTimer: ReturnType<typeof setTimeout> | undefined = undefined;
-  // Outbound.
-  #chunks: (Uint8Array | undefined)[] = [];
-  #head = 0;
-  #queued = 0;
-  #writing = false;
-  #paused = false; // above the high-water mark until back at the low-water mark
+  protected readonly scheduler: Scheduler;
 
   constructor(
     resource: Resource,
     events: number,
     callback: Callback<AnyData>,
     data: AnyData,
-    queue: ReadyQueue,
+    scheduler: Scheduler,
   ) {
     this.resource = resource;
     this.events = events;
     this.callback = callback;
     this.data = data;
-    this.#queue = queue;
-    this.#isListener = !("read" in resource);
+    this.scheduler = scheduler;
     this.event = [this, 0];
   }
 
-  get queued(): number {
-    return this.#queued;
-  }
-
-  get error(): Error | undefined {
-    return this.#error;
-  }
-
   /** The events the key is ready for, whatever its interest. */
-  get readiness(): number {
-    if (this.#error) return READ | WRITE;
-    if (this.#isListener) return this.#accepted ? READ : 0;
-    return (this.#received !== undefined ? READ : 0) |
-      (this.#queued === 0 ? WRITE : 0);
+  abstract get readiness(): number;
+  /** Starts the next accept or read if the key wants one and nothing holds it back. */
+  abstract startInbound(): void;
+  /** Drops everything pending; late completions are ignored from now on. */
+  abstract cancel(): void;
+
+  get queued(): number {
+    return 0;
   }
 
   accept(): Deno.Conn {
-    if (!this.#isListener) {
-      throw new TypeError("accept() needs a listener's key");
-    }
-    const conn = this.#accepted;
-    this.#accepted = null;
-    if (conn) return conn;
-    const error = this.#error;
-    if (!this.#gone) this.#error = undefined; // accept errors pass; the next accept may work
-    throw error ??
-      new Deno.errors.WouldBlock("accept() before the key was ready");
+    throw new TypeError("accept() needs a listener's key");
   }
 
   recv(): Uint8Array | null {
-    if (this.#isListener) {
-      throw new TypeError("recv() needs a connection's key");
-    }
-    if (this.#error) throw this.#error;
-    const n = this.#received;
-    if (n === undefined) {
-      throw new Deno.errors.WouldBlock("recv() before the key was ready");
-    }
-    if (n === null) return null; // EOF stays readable, as on a socket
-    this.#received = undefined;
-    if (!this.held) this.#queue.hold(this); // the bytes are the caller's until select()
-    return this.#buf.subarray(0, n);
+    throw new TypeError("recv() needs a connection's key");
   }
 
-  send(bytes: Uint8Array): void {
-    if (this.#isListener) {
-      throw new TypeError("send() needs a connection's key");
-    }
-    if (this.#error) throw this.#error;
-    if (!this.registered) {
-      throw new Deno.errors.BadResource("send() on an unregistered key");
-    }
-    if (bytes.byteLength === 0) return;
-    lenders.get(bytes.buffer)?.lend(1);
-    this.#chunks.push(bytes);
-    this.#queued += bytes.byteLength;
-    if (this.#queued > this.#queue.highWaterMark) this.#paused = true;
-    if (!this.#writing) this.#write();
-  }
-
-  /** Counts chunks of this key's read buffer waiting in some send queue. */
-  lend(delta: number): void {
-    this.#lent += delta;
-    if (this.#lent === 0) this.startInbound();
+  send(_bytes: Uint8Array): void {
+    throw new TypeError("send() needs a connection's key");
   }
 
   /**
@@ -276,53 +453,52 @@ class Key implements SelectorKey<AnyData> {
     this.held = false;
     if (!this.registered) return false;
     this.startInbound();
-    return this.#queue.push(this);
+    return this.scheduler.list(this);
+  }
+}
+
+/** A listener's key: keeps one accept in flight, and backs off while out of descriptors. */
+class ListenerKey extends Key {
+  #inFlight = false;
+  #accepted: Deno.Conn | null = null;
+  #gone = false; // the listener was closed: accept no more
+  #backoffMs = 0;
+  #retryAt = 0; // performance.now() before which no accept is tried
+  #retryTimer: ReturnType<typeof setTimeout> | undefined = undefined;
+
+  get readiness(): number {
+    return this.error || this.#accepted ? READ : 0;
   }
 
-  /** Starts the next accept or read if the key wants one and nothing holds it back. */
+  override accept(): Deno.Conn {
+    const conn = this.#accepted;
+    this.#accepted = null;
+    if (conn) return conn;
+    const error = this.error;
+    if (!this.#gone) this.error = undefined; // accept errors pass; the next accept may work
+    throw error ?? new Deno.errors.WouldBlock("accept() before the key was ready");
+  }
+
   startInbound(): void {
     if (
-      this.#inFlight || !this.registered || !(this.events & READ) ||
-      this.#error || this.#retryTimer
+      this.#inFlight || !this.registered || !(this.events & READ) || this.error ||
+      this.#accepted || this.#retryTimer
     ) return;
-    if (this.#isListener) {
-      if (this.#accepted) return;
-      const wait = this.#retryAt && this.#retryAt - performance.now();
-      if (wait > 0) {
-        this.#retryTimer = setTimeout(this.#retry, wait);
-        return;
-      }
-      this.#inFlight = true;
-      (this.resource as Deno.Listener).accept().then(
-        this.#onAccept,
-        this.#onAcceptError,
-      );
+    const wait = this.#retryAt && this.#retryAt - performance.now();
+    if (wait > 0) {
+      this.#retryTimer = setTimeout(this.#retry, wait);
       return;
     }
-    if (
-      this.#received !== undefined || this.held || this.#lent > 0 ||
-      this.#paused
-    ) return;
-    if (this.#buf.byteLength !== this.#nextSize) {
-      this.#buf = new Uint8Array(this.#nextSize);
-      lenders.set(this.#buf.buffer, this);
-    }
     this.#inFlight = true;
-    (this.resource as Deno.Conn).read(this.#buf).then(
-      this.#onRead,
-      this.#onReadError,
-    );
+    (this.resource as Deno.Listener).accept().then(this.#onAccept, this.#onAcceptError);
   }
 
-  /** Drops everything pending; late completions are ignored from now on. */
   cancel(): void {
     this.registered = false;
     clearTimeout(this.#retryTimer);
     this.#retryTimer = undefined;
     this.#accepted?.close(); // accepted by us, never handed out
     this.#accepted = null;
-    // A chunk being written stays lent until its write completes.
-    this.#dropQueue(this.#writing ? this.#head + 1 : this.#head);
   }
 
   #onAccept = (conn: Deno.Conn): void => {
@@ -331,7 +507,7 @@ class Key implements SelectorKey<AnyData> {
     this.#retryAt = 0;
     if (!this.registered) return conn.close();
     this.#accepted = conn;
-    this.#queue.push(this);
+    this.scheduler.list(this);
   };
 
   #onAcceptError = (error: Error): void => {
@@ -340,14 +516,11 @@ class Key implements SelectorKey<AnyData> {
     if (resourceGone(error)) this.#gone = true;
     else if (!peerLeft(error)) {
       // Out of descriptors, or similar: retrying at once would spin the CPU.
-      this.#backoffMs = Math.min(
-        MAX_BACKOFF_MS,
-        Math.max(MIN_BACKOFF_MS, this.#backoffMs * 2),
-      );
+      this.#backoffMs = Math.min(MAX_BACKOFF_MS, Math.max(MIN_BACKOFF_MS, this.#backoffMs * 2));
       this.#retryAt = performance.now() + this.#backoffMs;
     }
-    this.#error = error;
-    this.#queue.push(this);
+    this.error = error;
+    this.scheduler.list(this);
   };
 
   #retry = (): void => {
@@ -355,19 +528,104 @@ class Key implements SelectorKey<AnyData> {
     this.#retryAt = 0;
     this.startInbound();
   };
+}
+
+/** A connection's key: keeps one read in flight, and writes what send() queues. */
+class ConnKey extends Key {
+  /** How many reads the key has started. */
+  reads = 0;
+  /** How many holds its pending read has outlasted (see Scheduler.checkFairness). */
+  patience = 0;
+  /** True while a hold waits for its pending read. */
+  owed = false;
+  // Inbound: one read in flight at a time.
+  #reading = false;
+  #received: number | null | undefined = undefined; // bytes in #buf, null at EOF
+  #lent = 0; // chunks of #buf queued by send() on some key
+  #buf: Uint8Array = new Uint8Array(0);
+  #nextSize = MIN_READ;
+  // Outbound.
+  #chunks: (Uint8Array | undefined)[] = [];
+  #head = 0;
+  #queued = 0;
+  #writing = false;
+  #paused = false; // above the high-water mark until back at the low-water mark
+
+  override get queued(): number {
+    return this.#queued;
+  }
+
+  /** True while a read is in flight. */
+  get reading(): boolean {
+    return this.#reading;
+  }
+
+  get readiness(): number {
+    if (this.error) return READ | WRITE;
+    return (this.#received !== undefined ? READ : 0) | (this.#queued === 0 ? WRITE : 0);
+  }
+
+  override recv(): Uint8Array | null {
+    if (this.error) throw this.error;
+    const n = this.#received;
+    if (n === undefined) throw new Deno.errors.WouldBlock("recv() before the key was ready");
+    if (n === null) return null; // EOF stays readable, as on a socket
+    this.#received = undefined;
+    if (!this.held) this.scheduler.hold(this); // the bytes are the caller's until select()
+    return this.#buf.subarray(0, n);
+  }
+
+  override send(bytes: Uint8Array): void {
+    if (this.error) throw this.error;
+    if (!this.registered) throw new Deno.errors.BadResource("send() on an unregistered key");
+    if (bytes.byteLength === 0) return;
+    this.#lend(bytes, 1);
+    this.#chunks.push(bytes);
+    this.#queued += bytes.byteLength;
+    if (this.#queued > this.scheduler.highWaterMark) this.#paused = true;
+    if (!this.#writing) this.#write();
+  }
+
+  /** Counts chunks of this key's read buffer waiting in some send queue. */
+  lent(delta: number): void {
+    this.#lent += delta;
+    if (this.#lent === 0) this.startInbound();
+  }
+
+  startInbound(): void {
+    if (
+      this.#reading || !this.registered || !(this.events & READ) || this.error ||
+      this.#received !== undefined || this.held || this.#lent > 0 || this.#paused ||
+      !this.scheduler.mayRead(this)
+    ) return;
+    if (this.#buf.byteLength !== this.#nextSize) {
+      this.#buf = new Uint8Array(this.#nextSize);
+      lenders.set(this.#buf.buffer, this);
+    }
+    this.#reading = true;
+    (this.resource as Deno.Conn).read(this.#buf).then(this.#onRead, this.#onReadError);
+  }
+
+  cancel(): void {
+    this.registered = false;
+    // A chunk being written stays lent until its write completes.
+    this.#dropQueue(this.#writing ? this.#head + 1 : this.#head);
+  }
 
   #onRead = (n: number | null): void => {
-    this.#inFlight = false;
+    this.#reading = false;
+    this.scheduler.readDone(this);
     if (!this.registered) return;
     const size = this.#buf.byteLength;
     if (n === size) this.#nextSize = Math.min(MAX_READ, size * 4);
     else if (n !== null && n <= size / 16) this.#nextSize = MIN_READ;
     this.#received = n;
-    this.#queue.push(this);
+    this.scheduler.list(this);
   };
 
   #onReadError = (error: Error): void => {
-    this.#inFlight = false;
+    this.#reading = false;
+    this.scheduler.readDone(this);
     if (this.registered) this.#fail(error);
   };
 
@@ -381,15 +639,15 @@ class Key implements SelectorKey<AnyData> {
 
   #onWrite = (n: number): void => {
     const chunk = this.#chunks[this.#head]!;
-    if (!this.registered) return lenders.get(chunk.buffer)?.lend(-1);
+    if (!this.registered) return this.#lend(chunk, -1);
     this.#queued -= n;
     if (n < chunk.byteLength) {
       this.#chunks[this.#head] = chunk.subarray(n); // a partial write: go on with the rest
     } else {
       this.#chunks[this.#head++] = undefined;
-      lenders.get(chunk.buffer)?.lend(-1);
+      this.#lend(chunk, -1);
     }
-    if (this.#paused && this.#queued <= this.#queue.lowWaterMark) {
+    if (this.#paused && this.#queued <= this.scheduler.lowWaterMark) {
       this.#paused = false;
       this.startInbound();
     }
@@ -397,31 +655,33 @@ class Key implements SelectorKey<AnyData> {
     this.#chunks.length = 0;
     this.#head = 0;
     this.#writing = false;
-    if (this.events & WRITE) this.#queue.push(this);
+    if (this.events & WRITE) this.scheduler.list(this);
   };
 
   #onWriteError = (error: Error): void => {
     this.#writing = false;
-    if (!this.registered) {
-      return lenders.get(this.#chunks[this.#head]!.buffer)?.lend(-1);
-    }
+    if (!this.registered) return this.#lend(this.#chunks[this.#head]!, -1);
     this.#dropQueue(this.#head); // nothing more can be written
     this.#fail(error);
   };
 
+  /** Tells the key whose read buffer `bytes` come from that they are (+1) or no longer (-1) queued. */
+  #lend(bytes: Uint8Array, delta: number): void {
+    if (bytes.buffer === this.#buf.buffer) this.lent(delta); // an echo: our own buffer
+    else lenders.get(bytes.buffer)?.lent(delta);
+  }
+
   /** Empties the send queue, returning lent buffers from chunk `from` on. */
   #dropQueue(from: number): void {
-    for (let i = from; i < this.#chunks.length; i++) {
-      lenders.get(this.#chunks[i]!.buffer)?.lend(-1);
-    }
+    for (let i = from; i < this.#chunks.length; i++) this.#lend(this.#chunks[i]!, -1);
     if (from === this.#head) this.#chunks = [];
     else this.#chunks.length = from; // keep the chunk being written
     this.#queued = 0;
   }
 
   #fail(error: Error): void {
-    this.#error ??= error;
-    this.#queue.push(this);
+    this.error ??= error;
+    this.scheduler.list(this);
   }
 }
 
@@ -437,14 +697,10 @@ export class Selector {
   /** Queued bytes at or below which it reads again. */
   readonly lowWaterMark: number;
   readonly #keys = new Map<Resource, Key>();
-  #ready: Key[] = []; // keys that may be ready, each once
-  #spare: Key[] = []; // the previous ready array, reused
-  #held: Key[] = []; // keys reported (or recv()'d) since the last select()
+  readonly #scheduler: Scheduler;
   readonly #events: ReadyEvent[] = [];
-  #wake: (() => void) | undefined = undefined; // resolves the waiting select()
   #selecting = false;
   #closed = false;
-  readonly #queue: ReadyQueue;
 
   /**
    * Creates a selector.
@@ -460,23 +716,7 @@ export class Selector {
     }
     this.highWaterMark = highWaterMark;
     this.lowWaterMark = lowWaterMark;
-    this.#queue = {
-      highWaterMark,
-      lowWaterMark,
-      push: (key) => {
-        if (key.listed || !key.registered || !(key.readiness & key.events)) {
-          return false;
-        }
-        key.listed = true;
-        this.#ready.push(key);
-        this.#wakeUp();
-        return true;
-      },
-      hold: (key) => {
-        key.held = true;
-        this.#held.push(key);
-      },
-    };
+    this.#scheduler = new Scheduler(highWaterMark, lowWaterMark);
   }
 
   /** How many resources are registered. */
@@ -501,22 +741,17 @@ export class Selector {
     callback: Callback<T>,
     data?: T,
   ): SelectorKey<T> {
-    if (this.#closed) {
-      throw new Error("Cannot register: the selector is closed");
-    }
+    if (this.#closed) throw new Error("Cannot register: the selector is closed");
     if (this.#keys.has(resource)) {
       throw new Error("Cannot register: the resource is already registered");
     }
-    const key = new Key(
-      resource,
-      checkEvents(resource, events),
-      callback,
-      data,
-      this.#queue,
-    );
+    const interest = checkEvents(resource, events);
+    const key = "read" in resource
+      ? new ConnKey(resource, interest, callback, data, this.#scheduler)
+      : new ListenerKey(resource, interest, callback, data, this.#scheduler);
     this.#keys.set(resource, key);
     key.startInbound();
-    this.#queue.push(key);
+    this.#scheduler.list(key);
     return key;
   }
 
@@ -542,7 +777,7 @@ export class Selector {
     if (callback) key.callback = callback;
     if (data !== undefined) key.data = data;
     key.startInbound();
-    this.#queue.push(key);
+    this.#scheduler.list(key);
     return key;
   }
 
@@ -560,7 +795,7 @@ export class Selector {
     const key = this.#keyOf(resource);
     this.#keys.delete(resource);
     key.cancel();
-    if (this.#keys.size === 0) this.#wakeUp(); // nothing left to wait for
+    if (this.#keys.size === 0) this.#scheduler.wakeUp(); // nothing left to wait for
     return key;
   }
 
@@ -584,25 +819,11 @@ export class Selector {
    *   array and the pairs are reused by the next call.
    */
   async select(timeout?: number): Promise<ReadyEvent[]> {
-    if (this.#selecting) {
-      throw new Error("Cannot select: another select() is waiting");
-    }
-    this.#selecting = true;
+    this.#enter();
     try {
-      let relisted = 0; // keys still ready because their callback left the result
-      for (const key of this.#held) if (key.release()) relisted++;
-      this.#held.length = 0;
-      if (relisted > 0 && relisted === this.#ready.length) {
-        // Only old events: let Deno poll I/O first, or this loop would starve it.
-        await new Promise((resolve) => setTimeout(resolve, 0));
-      }
-      if (
-        this.#ready.length === 0 && !this.#closed && this.#keys.size > 0 &&
-        timeout !== 0
-      ) {
-        await this.#wait(timeout);
-      }
-      return this.#collect();
+      const waiting = this.#prepare(timeout);
+      if (waiting) await waiting;
+      return this.#scheduler.collect(this.#events);
     } finally {
       this.#selecting = false;
     }
@@ -615,12 +836,20 @@ export class Selector {
    * @returns A promise that settles when the loop ends; it rejects if a callback throws.
    */
   async run(): Promise<void> {
-    while (!this.#closed && this.#keys.size > 0) {
-      const events = await this.select();
-      for (let i = 0; i < events.length; i++) {
-        const [key, mask] = events[i];
-        if ((key as Key).registered) key.callback(key, mask);
+    this.#enter();
+    try {
+      const events = this.#events;
+      while (!this.#closed && this.#keys.size > 0) {
+        const waiting = this.#prepare(undefined); // select(), without a promise of its own
+        if (waiting) await waiting;
+        this.#scheduler.collect(events);
+        for (let i = 0; i < events.length; i++) {
+          const key = events[i][0] as Key;
+          if (key.registered) key.callback(key, events[i][1]);
+        }
       }
+    } finally {
+      this.#selecting = false;
     }
   }
 
@@ -640,13 +869,27 @@ export class Selector {
       }
     }
     this.#keys.clear();
-    this.#wakeUp();
+    this.#scheduler.stop();
+    this.#scheduler.wakeUp();
   }
 
-  #wakeUp(): void {
-    const wake = this.#wake;
-    this.#wake = undefined;
-    wake?.();
+  #enter(): void {
+    if (this.#selecting) throw new Error("Cannot select: another select() is waiting");
+    this.#selecting = true;
+  }
+
+  /** What select() does before it collects: returns what to wait for, if anything. */
+  #prepare(timeout: number | undefined): Promise<unknown> | undefined {
+    const scheduler = this.#scheduler;
+    const relisted = scheduler.release();
+    if (relisted > 0 && relisted === scheduler.readyCount) {
+      // Only old events: let Deno poll I/O first, or this loop would starve it.
+      return new Promise((resolve) => setTimeout(resolve, 0));
+    }
+    scheduler.checkFairness();
+    if (scheduler.readyCount === 0 && !this.#closed && this.#keys.size > 0 && timeout !== 0) {
+      return scheduler.wait(timeout);
+    }
   }
 
   #keyOf(resource: Resource): Key {
@@ -654,53 +897,4 @@ export class Selector {
     if (!key) throw new Error("The resource is not registered");
     return key;
   }
-
-  #wait(timeout: number | undefined): Promise<void> {
-    return new Promise<void>((resolve) => {
-      if (timeout === undefined) {
-        this.#wake = resolve;
-        return;
-      }
-      const timer = setTimeout(() => {
-        this.#wake = undefined;
-        resolve();
-      }, timeout);
-      this.#wake = () => {
-        clearTimeout(timer);
-        resolve();
-      };
-    });
-  }
-
-  #collect(): ReadyEvent[] {
-    const ready = this.#ready;
-    this.#ready = this.#spare;
-    this.#spare = ready;
-    const events = this.#events;
-    events.length = 0;
-    for (let i = 0; i < ready.length; i++) {
-      const key = ready[i];
-      key.listed = false;
-      const mask = key.readiness & key.events;
-      if (!key.registered || mask === 0) continue;
-      key.event[1] = mask;
-      events.push(key.event);
-      if (!key.held) this.#queue.hold(key);
-    }
-    ready.length = 0;
-    return events;
-  }
-}
-
-/** Checks an interest mask: READ and WRITE bits only, READ only for a listener. */
-function checkEvents(resource: Resource, events: number): number {
-  const valid = "read" in resource ? READ | WRITE : READ;
-  if (!Number.isInteger(events) || (events & ~valid) !== 0) {
-    throw new RangeError(
-      `Invalid events ${events}: a ${"read" in resource ? "connection" : "listener"} takes ${
-        valid === READ ? "READ" : "READ and WRITE"
-      }`,
-    );
-  }
-  return events;
 }

@@ -62,10 +62,8 @@ export interface Server {
   readonly finished: Promise<void>;
 }
 
-/** What the server keeps for each connection. */
+/** What the server keeps for each connection (little: idle connections add up). */
 interface Connection {
-  /** The peer's address, for log lines. */
-  peer: string;
   /** Bytes received, each echoed (or queued to be). */
   bytes: number;
   /** performance.now() of the last read, for the idle timeout. */
@@ -104,7 +102,7 @@ export function serve(options: ServeOptions = {}): Server {
     gracePeriod = 5000,
     logLevel = "info",
   } = options;
-  const info = logLevel === "quiet" ? () => {} : console.log;
+  const logs = logLevel !== "quiet";
   const verbose = logLevel === "verbose";
 
   const listener = Deno.listen({ hostname, port });
@@ -135,15 +133,14 @@ export function serve(options: ServeOptions = {}): Server {
       console.error("accepting again");
     }
     conn.setNoDelay(true); // Deno leaves Nagle on: small echoes would wait ~40 ms
-    const peer = formatAddr(conn.remoteAddr);
-    info(`${peer} connected`);
-    const data = { peer, bytes: 0, lastRead: idleTimeout && performance.now() };
+    if (logs) console.log(`${formatAddr(conn.remoteAddr)} connected`);
+    const data = { bytes: 0, lastRead: idleTimeout && performance.now() };
     connections.add(selector.register(conn, READ, read, data));
     stats.open++;
     stats.accepted++;
     if (stats.open >= maxConns) {
       selector.modify(listener, 0); // the kernel's backlog holds newcomers
-      info(`${maxConns} connections open: new ones wait until one closes`);
+      if (logs) console.log(`${maxConns} connections open: new ones wait until one closes`);
     }
   }
 
@@ -173,7 +170,7 @@ export function serve(options: ServeOptions = {}): Server {
       return close(key, error); // a reset or the like: this connection only
     }
     if (data) {
-      if (verbose) info(`${key.data.peer} echoing ${data.length} bytes`);
+      if (verbose) console.log(`${peerOf(key)} echoing ${data.length} bytes`);
       key.data.bytes += data.length;
       stats.bytes += data.length;
       if (idleTimeout) key.data.lastRead = performance.now();
@@ -193,12 +190,14 @@ export function serve(options: ServeOptions = {}): Server {
     key.resource.close();
     connections.delete(key);
     stats.open--;
-    const { peer, bytes } = key.data;
-    info(
-      error
-        ? `${peer} closed after ${bytes} bytes: ${describe(error)}`
-        : `${peer} closed, ${bytes} bytes echoed`,
-    );
+    if (logs) {
+      const { bytes } = key.data;
+      console.log(
+        error
+          ? `${peerOf(key)} closed after ${bytes} bytes: ${describe(error)}`
+          : `${peerOf(key)} closed, ${bytes} bytes echoed`,
+      );
+    }
     if (shuttingDown) {
       if (stats.open === 0) selector.close();
     } else if (stats.open === maxConns - 1) {
@@ -270,6 +269,11 @@ export function serve(options: ServeOptions = {}): Server {
     close: shutdown,
     finished,
   };
+}
+
+/** The peer's address of a connection's key, for log lines. */
+function peerOf(key: ConnKey): string {
+  return formatAddr((key.resource as Deno.Conn).remoteAddr);
 }
 
 /** `host:port`, with brackets for IPv6. */
