@@ -1,0 +1,181 @@
+/**
+ * `deno task bench`: main.ts against the idiomatic Deno echo server
+ * (bench/baseline_echo.ts), driven by client.ts's load mode in the same run,
+ * scenario by scenario, so that a noisy moment hits both. Prints a table of
+ * round trips per second, latency percentiles, fairness, the ratio to the
+ * baseline, and the memory each idle connection costs each server.
+ *
+ * Usage: deno task bench [--duration S] [--runs N]
+ *
+ * @module
+ */
+
+import { type LoadResult, runLoad } from "../client.ts";
+import { parseFlags, UsageError } from "../cli.ts";
+import { processUsage } from "../testing/helpers.ts";
+
+/** A load to measure: `count` connections sending `size`-byte messages. */
+interface Scenario {
+  name: string;
+  count: number;
+  size: number;
+}
+
+const SCENARIOS: Scenario[] = [
+  { name: "rr 5 B x1", count: 1, size: 5 },
+  { name: "rr 5 B x20", count: 20, size: 5 },
+  { name: "rr 5 B x500", count: 500, size: 5 },
+  { name: "rr 4 KiB x20", count: 20, size: 4096 },
+  { name: "rr 256 KiB x4", count: 4, size: 256 * 1024 },
+];
+const IDLE_CONNECTIONS = 1000;
+
+const root = new URL("../", import.meta.url).pathname;
+
+/** A server process on a free port. */
+class Server {
+  readonly name: string;
+  readonly port: number;
+  readonly #child: Deno.ChildProcess;
+
+  constructor(name: string, script: string, args: string[]) {
+    this.name = name;
+    const probe = Deno.listen({ hostname: "127.0.0.1", port: 0 });
+    this.port = probe.addr.port;
+    probe.close();
+    this.#child = new Deno.Command("deno", {
+      args: ["run", "--allow-net=127.0.0.1", `${root}${script}`, ...args, `${this.port}`],
+      stdin: "null",
+      stdout: "null",
+    }).spawn();
+  }
+
+  get pid(): number {
+    return this.#child.pid;
+  }
+
+  /** Waits until the server accepts connections. */
+  async ready(): Promise<void> {
+    for (let i = 0; i < 200; i++) {
+      try {
+        (await Deno.connect({ hostname: "127.0.0.1", port: this.port })).close();
+        return;
+      } catch {
+        await new Promise((resolve) => setTimeout(resolve, 50));
+      }
+    }
+    throw new Error(`${this.name} did not start`);
+  }
+
+  async stop(): Promise<void> {
+    this.#child.kill("SIGKILL");
+    await this.#child.status;
+  }
+}
+
+/** Resident memory per idle connection: RSS with N connections open, minus before. */
+async function idleKiB(server: Server): Promise<number> {
+  const before = await processUsage(server.pid);
+  const conns = await Promise.all(
+    Array.from(
+      { length: IDLE_CONNECTIONS },
+      () => Deno.connect({ hostname: "127.0.0.1", port: server.port }),
+    ),
+  );
+  await new Promise((resolve) => setTimeout(resolve, 500)); // let the server accept them all
+  const after = await processUsage(server.pid);
+  for (const conn of conns) conn.close();
+  return (after.rssKiB - before.rssKiB) / IDLE_CONNECTIONS;
+}
+
+function row(cells: (string | number)[]): string {
+  return `| ${cells.join(" | ")} |`;
+}
+
+const ms = (x: number) => x.toFixed(2);
+const latency = (r: LoadResult) => `${ms(r.p50)} / ${ms(r.p99)} / ${ms(r.p999)}`;
+
+async function main(args: string[]): Promise<number> {
+  let duration: number;
+  let runs: number;
+  try {
+    const flags = parseFlags(args, {
+      duration: { type: "number", min: 0.5 },
+      runs: { type: "integer", min: 1, max: 20 },
+    });
+    duration = (flags.duration as number | undefined) ?? 3;
+    runs = (flags.runs as number | undefined) ?? 1;
+  } catch (error) {
+    if (!(error instanceof UsageError)) throw error;
+    console.error(`bench.ts: ${error.message}\nusage: deno task bench [--duration S] [--runs N]`);
+    return 2;
+  }
+  const servers = [
+    new Server("baseline", "bench/baseline_echo.ts", []),
+    new Server("main.ts", "main.ts", ["--quiet", "--port"]),
+  ];
+  try {
+    await Promise.all(servers.map((server) => server.ready()));
+    // Memory first, while both processes are fresh: load grows heaps that stay grown.
+    const idle = [];
+    for (const server of servers) idle.push(await idleKiB(server));
+    console.log(
+      `Deno ${Deno.version.deno}, ${navigator.hardwareConcurrency} cpus; ${duration} s per scenario, median of ${runs} run(s); latency in ms\n`,
+    );
+    console.log(
+      row([
+        "scenario",
+        "baseline rt/s",
+        "main.ts rt/s",
+        "ratio",
+        "baseline p50 / p99 / p99.9",
+        "main.ts p50 / p99 / p99.9",
+        "Jain baseline / main.ts",
+      ]),
+    );
+    console.log(row(Array(7).fill("---")));
+    let failed = 0;
+    for (const scenario of SCENARIOS) {
+      const results: LoadResult[][] = servers.map(() => []);
+      for (let run = 0; run < runs; run++) {
+        // Alternate who goes first, so that a slow spell hits both alike.
+        const order = run % 2 ? [1, 0] : [0, 1];
+        for (const i of order) {
+          results[i].push(await runLoad({ port: servers[i].port, duration, ...scenario }));
+        }
+      }
+      const [base, ours] = results.map((list) =>
+        list.sort((a, b) => a.perSecond - b.perSecond)[list.length >> 1]
+      );
+      for (const [i, result] of [base, ours].entries()) {
+        if (result.failed) {
+          failed++;
+          console.error(
+            `${
+              servers[i].name
+            }, ${scenario.name}: ${result.failed} connections failed: ${result.firstError}`,
+          );
+        }
+      }
+      console.log(row([
+        scenario.name,
+        Math.round(base.perSecond),
+        Math.round(ours.perSecond),
+        `${(ours.perSecond / base.perSecond).toFixed(2)}x`,
+        latency(base),
+        latency(ours),
+        `${base.jain.toFixed(2)} / ${ours.jain.toFixed(2)}`,
+      ]));
+    }
+    console.log(
+      `\nMemory per idle connection (${IDLE_CONNECTIONS} open): baseline ${
+        idle[0].toFixed(1)
+      } KiB, main.ts ${idle[1].toFixed(1)} KiB`,
+    );
+    return failed ? 1 : 0;
+  } finally {
+    for (const server of servers) await server.stop();
+  }
+}
+
+Deno.exit(await main(Deno.args));
