@@ -117,7 +117,7 @@ const MAX_READ = 64 * 1024;
 const MIN_BACKOFF_MS = 10;
 const MAX_BACKOFF_MS = 500;
 /** A read pending this long, overtaken by this many others, is starving: see Scheduler. */
-const STARVING_MS = 5;
+const STARVING_MS = 20;
 const STARVING_OVERTAKEN = 128;
 /** The longest a hold of new reads lasts. */
 const HOLD_MAX_MS = 50;

@@ -278,3 +278,23 @@ Deno.test("water marks are checked", () => {
   assertThrows(() => new Selector({ highWaterMark: 10, lowWaterMark: 20 }), RangeError);
   assertThrows(() => new Selector({ lowWaterMark: -1 }), RangeError);
 });
+
+Deno.test("select() over 2,000 idle keys with one active returns just that one", async () => {
+  const listener = Deno.listen({ hostname: "127.0.0.1", port: 0 });
+  const selector = new Selector();
+  const peers: Deno.TcpConn[] = [];
+  for (let i = 0; i < 2001; i++) {
+    const [ours, peer] = await Promise.all([
+      listener.accept(),
+      Deno.connect({ hostname: "127.0.0.1", port: listener.addr.port }),
+    ]);
+    selector.register(ours, READ, noop, i);
+    peers.push(peer);
+  }
+  listener.close();
+  await peers[1234].write(text("x"));
+  const events = await selector.select(5000);
+  assertEquals(events.map(([key, mask]) => [key.data, mask]), [[1234, READ]]);
+  selector.close();
+  for (const peer of peers) peer.close();
+});

@@ -348,7 +348,7 @@ function listenError(error: unknown, host: string, port: number): string {
   if (error instanceof Deno.errors.PermissionDenied) {
     return `not allowed to listen on ${where}: ports below 1024 need privileges; choose another with --port`;
   }
-  if (/lookup address|name or service not known/i.test(String(error))) {
+  if (/failed to lookup address/i.test(String(error))) {
     return `cannot resolve host "${host}": check --host`;
   }
   return `cannot listen on ${where}: ${describe(error)}`;
@@ -387,26 +387,32 @@ export async function main(args: string[]): Promise<number> {
     console.error(`main.ts: ${listenError(error, hostname, port)}`);
     return 1;
   }
+  // The first SIGINT or SIGTERM shuts down gracefully; a second one exits at once,
+  // with the status a shell gives a process killed by that signal.
+  let stopping = false;
+  const signals = { SIGINT: 130, SIGTERM: 143 } as const;
+  const handlers = Object.entries(signals).map(([signal, status]) => {
+    const handler = () => {
+      if (stopping) Deno.exit(status);
+      stopping = true;
+      if (options.logLevel !== "quiet") {
+        console.log(
+          `shutting down: ${server.stats.open} connections to finish (${signal} again to force)`,
+        );
+      }
+      server.close();
+    };
+    Deno.addSignalListener(signal as Deno.Signal, handler);
+    return () => Deno.removeSignalListener(signal as Deno.Signal, handler);
+  });
+  // Announce only now: whoever waits for this line may signal at once.
   const { addr } = server;
   if (options.logLevel !== "quiet") {
     const exposed = isLoopback(addr.hostname) ? "" : " (reachable from the network)";
     console.log(`listening on ${formatAddr(addr)}${exposed}`);
   }
-  let signals = 0;
-  const onSignal = () => {
-    if (++signals > 1) Deno.exit(1); // a second signal: leave at once
-    if (options.logLevel !== "quiet") {
-      console.log(
-        `shutting down: ${server.stats.open} connections to finish (again to force)`,
-      );
-    }
-    server.close();
-  };
-  Deno.addSignalListener("SIGINT", onSignal);
-  Deno.addSignalListener("SIGTERM", onSignal);
   await server.finished;
-  Deno.removeSignalListener("SIGINT", onSignal);
-  Deno.removeSignalListener("SIGTERM", onSignal);
+  for (const remove of handlers) remove();
   return 0;
 }
 

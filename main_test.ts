@@ -162,41 +162,50 @@ Deno.test("1,000 sequential connections leave nothing open", async () => {
   });
 });
 
-Deno.test("randomly chunked writes and reads echo the same stream", async () => {
+Deno.test("seeded fuzz: random writes, reads, pauses, half-closes and resets echo exactly", async () => {
   const seed = Number(Deno.env.get("ECHO_SEED") ?? Date.now() % 1_000_000);
   const random = seededRandom(seed);
+  const between = (low: number, high: number) => low + Math.floor(random() * (high - low + 1));
+  // Sizes spread over 1 B .. 1 MiB, most of them small.
+  const size = () => Math.max(1, Math.floor(2 ** (random() * 20)));
   try {
     await withServer(async (server) => {
-      await Promise.all(Array.from({ length: 8 }, async (_, c) => {
-        const payload = pattern(Math.floor(random() * 2_000_000) + 1, c);
+      await Promise.all(Array.from({ length: 32 }, async (_, c) => {
         const conn = await connect(server);
-        const writes: number[] = [];
-        for (let at = 0; at < payload.length;) {
-          at += writes[writes.push(Math.ceil(random() * random() * 100_000)) - 1];
-        }
-        const reads = Array.from({ length: 64 }, () => Math.ceil(random() * 70_000));
+        const writes = Array.from({ length: between(1, 24) }, size);
+        const payload = pattern(writes.reduce((a, b) => a + b, 0), c);
+        const resetAfter = random() < 0.2 ? between(0, writes.length - 1) : -1;
+        const pauses = writes.map(() => (random() < 0.2 ? between(1, 20) : 0));
+        const reads = Array.from({ length: 32 }, size);
         const writing = (async () => {
           let at = 0;
-          for (const size of writes) {
-            await writeAll(conn, payload.subarray(at, at += size));
-            if (random() < 0.1) await delay(1);
+          for (const [i, length] of writes.entries()) {
+            if (i === resetAfter) return conn.close(); // gone mid-stream, echo unread
+            await writeAll(conn, payload.subarray(at, at += length));
+            if (pauses[i]) await delay(pauses[i]);
           }
-          await conn.closeWrite();
+          await conn.closeWrite(); // half-close: the echo is still due
         })();
+        if (resetAfter >= 0) return await writing;
         const echoed = new Uint8Array(payload.length + 1);
         let got = 0;
         for (let i = 0; got < echoed.length; i++) {
-          const n = await conn.read(echoed.subarray(got, got + reads[i % reads.length]));
+          const want = Math.min(reads[i % reads.length], echoed.length - got);
+          const n = await conn.read(echoed.subarray(got, got + want));
           if (n === null) break;
           got += n;
+          if (random() < 0.05) await delay(between(1, 10)); // a slow reader now and then
         }
         await writing;
         conn.close();
-        assertEquals(echoed.subarray(0, got), payload);
+        assertEquals(got, payload.length, `connection ${c}: echo length`);
+        assertEquals(echoed.subarray(0, got), payload, `connection ${c}: echo bytes`);
       }));
     });
   } catch (error) {
-    console.error(`randomly chunked test failed with seed ${seed}: replay with ECHO_SEED=${seed}`);
+    console.error(
+      `fuzz test failed with seed ${seed}: replay with ECHO_SEED=${seed} deno task test`,
+    );
     throw error;
   }
 });

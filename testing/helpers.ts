@@ -14,10 +14,20 @@ export interface Finished {
   stderr: string;
 }
 
-/** The `deno run` arguments for one of the project's scripts, as its task runs it. */
-function denoRun(script: string, args: string[]): Deno.CommandOptions {
+/** How a script is started: its permissions (as its task grants them), or a shell prefix. */
+export interface RunOptions {
+  /** `deno run` permission flags. @default {["--allow-net=127.0.0.1"]} */
+  permissions?: string[];
+  /** Shell commands to run first, e.g. `ulimit -n 64` (the script then runs under sh). */
+  shell?: string;
+}
+
+/** The command for one of the project's scripts, as its task runs it. */
+function denoRun(script: string, args: string[], options: RunOptions = {}): Deno.CommandOptions {
+  const { permissions = ["--allow-net=127.0.0.1"], shell } = options;
+  const deno = ["run", ...permissions, new URL(script, root).pathname, ...args];
   return {
-    args: ["run", "--allow-net=127.0.0.1", new URL(script, root).pathname, ...args],
+    ...(shell ? { args: ["-c", `${shell} && exec deno "$@"`, "sh", ...deno] } : { args: deno }),
     cwd: root.pathname,
     env: { NO_COLOR: "1" },
     stdin: "null",
@@ -29,10 +39,18 @@ function denoRun(script: string, args: string[]): Deno.CommandOptions {
  *
  * @param script `main.ts` or `client.ts`.
  * @param args Its arguments.
+ * @param options Other permissions, or a shell prefix.
  * @returns Its exit code and output.
  */
-export async function runScript(script: string, args: string[]): Promise<Finished> {
-  const { code, stdout, stderr } = await new Deno.Command("deno", denoRun(script, args)).output();
+export async function runScript(
+  script: string,
+  args: string[],
+  options: RunOptions = {},
+): Promise<Finished> {
+  const { code, stdout, stderr } = await new Deno.Command(
+    options.shell ? "sh" : "deno",
+    denoRun(script, args, options),
+  ).output();
   const decoder = new TextDecoder();
   return { code, stdout: decoder.decode(stdout), stderr: decoder.decode(stderr) };
 }
@@ -45,9 +63,9 @@ export class ServerProcess {
   readonly #done: Promise<void>;
   #changed: () => void = () => {};
 
-  private constructor(args: string[]) {
-    this.#child = new Deno.Command("deno", {
-      ...denoRun("main.ts", args),
+  private constructor(args: string[], options: RunOptions) {
+    this.#child = new Deno.Command(options.shell ? "sh" : "deno", {
+      ...denoRun("main.ts", args, options),
       stdout: "piped",
       stderr: "piped",
     }).spawn();
@@ -61,10 +79,11 @@ export class ServerProcess {
    * Starts `main.ts <args>` and waits for its listening line.
    *
    * @param args The server's arguments.
+   * @param options Other permissions, or a shell prefix.
    * @returns The running server.
    */
-  static async start(args: string[]): Promise<ServerProcess> {
-    const server = new ServerProcess(args);
+  static async start(args: string[], options: RunOptions = {}): Promise<ServerProcess> {
+    const server = new ServerProcess(args, options);
     await server.waitFor(/^listening on /m);
     return server;
   }
@@ -77,6 +96,16 @@ export class ServerProcess {
   /** Everything the server printed on stdout so far. */
   get stdout(): string {
     return this.#stdout;
+  }
+
+  /** Everything the server printed on stderr so far. */
+  get stderr(): string {
+    return this.#stderr;
+  }
+
+  /** The port from its listening line. */
+  get port(): number {
+    return Number(this.#stdout.match(/^listening on .*:(\d+)/m)?.[1]);
   }
 
   /**
@@ -105,6 +134,11 @@ export class ServerProcess {
       ]);
       clearTimeout(timer);
     }
+  }
+
+  /** Sends a signal. */
+  kill(signal: Deno.Signal): void {
+    this.#child.kill(signal);
   }
 
   /**
@@ -180,6 +214,8 @@ export function delay(ms: number): Promise<void> {
 export interface ProcessUsage {
   fds: number;
   rssKiB: number;
+  /** CPU time used so far, user and system, in milliseconds. */
+  cpuMs: number;
 }
 
 /**
@@ -193,7 +229,10 @@ export async function processUsage(pid = Deno.pid): Promise<ProcessUsage> {
   const code = `
     const fds = [...Deno.readDirSync("/proc/${pid}/fd")].length;
     const rss = Deno.readTextFileSync("/proc/${pid}/status").match(/VmRSS:\\s*(\\d+)/)[1];
-    console.log(JSON.stringify({ fds, rssKiB: Number(rss) }));`;
+    // utime and stime: fields 14 and 15, counted after the ")" that ends the name.
+    const stat = Deno.readTextFileSync("/proc/${pid}/stat").split(")").pop().trim().split(" ");
+    const ticks = Number(stat[11]) + Number(stat[12]); // in 1/100 s on Linux
+    console.log(JSON.stringify({ fds, rssKiB: Number(rss), cpuMs: ticks * 10 }));`;
   const { code: exit, stdout, stderr } = await new Deno.Command("deno", {
     args: ["eval", code],
   }).output();

@@ -11,8 +11,9 @@
 const PERMISSIONS = [
   // 0.0.0.0: @std/net's getAvailablePort() probes the wildcard address.
   "--allow-net=127.0.0.1,0.0.0.0",
-  // The tests start main.ts and client.ts as a user would.
-  "--allow-run=deno",
+  // The tests start main.ts and client.ts as a user would; sh, to start one
+  // under a small `ulimit -n`.
+  "--allow-run=deno,sh",
   // Replays the random-chunking test: ECHO_SEED=123 deno task test.
   "--allow-env=ECHO_SEED",
 ];
