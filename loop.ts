@@ -121,7 +121,7 @@ const STARVING_MS = 20;
 const STARVING_OVERTAKEN = 128;
 /** The longest a hold of new reads lasts. */
 const HOLD_MAX_MS = 50;
-/** A read that outlasts holds is watched with patience STARVING_MS << 0..12 (up to 20 s). */
+/** A read that outlasts holds is watched again with patience STARVING_MS << 1, 2, ... 12. */
 const PATIENCE_LEVELS = 13;
 
 /** Accept errors caused by a peer that left before we accepted it: retry at once. */
@@ -234,6 +234,7 @@ class Scheduler {
   #deferred: ConnKey[] | undefined = undefined; // while holding: keys waiting to read
   #owed = 0; // while holding: starving reads not yet served
   #holdTimer: ReturnType<typeof setTimeout> | undefined = undefined;
+  #nextCheck = 0; // performance.now() of the next fairness check
 
   constructor(highWaterMark: number, lowWaterMark: number) {
     this.highWaterMark = highWaterMark;
@@ -297,10 +298,15 @@ class Scheduler {
    * so an idle peer costs a few short holds over its lifetime, not one per tick.
    */
   checkFairness(): void {
-    if (this.#deferred) return;
     const { now } = this;
+    if (this.#deferred || now < this.#nextCheck) return;
+    this.#nextCheck = now + 1; // a millisecond is fine enough, and keeps this off the hot path
     const watchlists = this.#watchlists;
-    if (!watchlists.some((list) => list.due(now, this.#completed, STARVING_OVERTAKEN))) return;
+    let starving = false;
+    for (let i = 0; i < watchlists.length && !starving; i++) {
+      starving = watchlists[i].due(now, this.#completed, STARVING_OVERTAKEN);
+    }
+    if (!starving) return;
     const owed: ConnKey[] = [];
     for (const list of watchlists) owed.push(...list.takeDue(now));
     for (const key of owed) key.owed = true;
@@ -340,11 +346,8 @@ class Scheduler {
 
   /** Waits until a key is listed or the timeout passes (`undefined`: no timeout). */
   wait(timeout: number | undefined): Promise<void> {
+    if (timeout === undefined) return new Promise<void>(this.#waitForever);
     return new Promise<void>((resolve) => {
-      if (timeout === undefined) {
-        this.#wake = resolve;
-        return;
-      }
       const timer = setTimeout(() => {
         this.#wake = undefined;
         resolve();
@@ -355,6 +358,10 @@ class Scheduler {
       };
     });
   }
+
+  #waitForever = (resolve: () => void): void => {
+    this.#wake = resolve;
+  };
 
   wakeUp(): void {
     const wake = this.#wake;

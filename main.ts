@@ -210,11 +210,9 @@ export function serve(options: ServeOptions = {}): Server {
   // destroy echoed bytes still in flight); input that arrives now is dropped.
   function drained(key: ConnKey, _mask: number): void {
     if (key.error) return close(key, key.error);
-    try {
-      (key.resource as Deno.Conn).closeWrite();
-    } catch (error) {
-      return close(key, error);
-    }
+    (key.resource as Deno.Conn).closeWrite().catch((error) => {
+      if (connections.has(key)) close(key, error); // e.g. the peer reset meanwhile
+    });
     selector.modify(key.resource, READ, discard);
   }
 
