@@ -89,3 +89,53 @@ function toNumber(name: string, text: string, spec: FlagSpec): number {
   const range = max === Infinity ? `${min} or more` : `from ${min} to ${max}`;
   throw new UsageError(`--${name} must be ${kind} ${range}, got "${text}"`);
 }
+
+/** What a script says about itself, for {@linkcode parseCommandLine}. */
+export interface CommandText {
+  /** The script's name, to start error lines with, e.g. `main.ts`. */
+  name: string;
+  /** The one-line usage, printed after an error. */
+  usage: string;
+  /** The full help, printed for `--help`. */
+  help: string;
+}
+
+/**
+ * A script's command line, start to finish: `--help` prints the help; a mistake
+ * prints one line saying what is wrong, then the usage, on stderr.
+ *
+ * @example Usage
+ * ```ts
+ * import { parseCommandLine } from "./cli.ts";
+ * import { assertEquals } from "@std/assert";
+ *
+ * const text = { name: "x.ts", usage: "usage: x.ts [--n N]", help: "..." };
+ * const parsed = parseCommandLine(["--n", "3"], { n: { type: "integer" } }, text, (f) => f.n);
+ * assertEquals(parsed, { options: 3 });
+ * ```
+ *
+ * @param args The arguments, e.g. `Deno.args`.
+ * @param specs The flags allowed, by name (`--help` is added).
+ * @param text The script's name, usage line and help.
+ * @param toOptions Turns the flags into options; may throw a UsageError.
+ * @returns The options, or the exit code to leave with: 0 after the help, 2 after a mistake.
+ */
+export function parseCommandLine<T>(
+  args: string[],
+  specs: Record<string, FlagSpec>,
+  text: CommandText,
+  toOptions: (flags: Flags) => T,
+): { options: T } | { exit: number } {
+  try {
+    const flags = parseFlags(args, { ...specs, help: { type: "boolean" } });
+    if (flags.help) {
+      console.log(text.help);
+      return { exit: 0 };
+    }
+    return { options: toOptions(flags) };
+  } catch (error) {
+    if (!(error instanceof UsageError)) throw error;
+    console.error(`${text.name}: ${error.message}\n${text.usage}`);
+    return { exit: 2 };
+  }
+}

@@ -10,7 +10,7 @@
  * @module
  */
 
-import { parseFlags, UsageError } from "./cli.ts";
+import { type Flags, parseCommandLine, UsageError } from "./cli.ts";
 
 /** Options for {@linkcode runClients}. */
 export interface ClientOptions {
@@ -307,7 +307,6 @@ const FLAGS = {
   timeout: { type: "integer", min: 1 },
   duration: { type: "number", min: 0.1 },
   size: { type: "integer", min: 1, max: 1 << 20 }, // written whole before reading: within socket buffers
-  help: { type: "boolean" },
 } as const;
 
 /**
@@ -317,35 +316,34 @@ const FLAGS = {
  * @returns The exit code: 0 if every echo was exact, 1 if not, 2 on bad usage.
  */
 export async function main(args: string[]): Promise<number> {
-  let options: ClientOptions & LoadOptions;
-  let load: boolean;
-  try {
-    const flags = parseFlags(args, FLAGS);
-    if (flags.help) {
-      console.log(HELP);
-      return 0;
-    }
-    if (flags.message === "") throw new UsageError("--message must not be empty");
-    load = flags.duration !== undefined;
-    if (load && flags.message !== undefined) {
-      throw new UsageError("--message and --duration do not go together: load mode uses --size");
-    }
-    if (!load && flags.size !== undefined) throw new UsageError("--size needs --duration");
-    options = {
-      hostname: flags.host as string | undefined,
-      port: flags.port as number | undefined,
-      count: flags.count as number | undefined,
-      message: flags.message as string | undefined,
-      timeout: flags.timeout as number | undefined,
-      duration: flags.duration as number | undefined,
-      size: flags.size as number | undefined,
-    };
-  } catch (error) {
-    if (!(error instanceof UsageError)) throw error;
-    console.error(`client.ts: ${error.message}\n${USAGE}`);
-    return 2;
+  const parsed = parseCommandLine(
+    args,
+    FLAGS,
+    { name: "client.ts", usage: USAGE, help: HELP },
+    optionsFrom,
+  );
+  if ("exit" in parsed) return parsed.exit;
+  const { options } = parsed;
+  return options.duration === undefined ? await printEchoes(options) : await printLoad(options);
+}
+
+/** Reads the command line into runClients() or runLoad() options, or throws a UsageError. */
+function optionsFrom(flags: Flags): ClientOptions & LoadOptions {
+  if (flags.message === "") throw new UsageError("--message must not be empty");
+  const load = flags.duration !== undefined;
+  if (load && flags.message !== undefined) {
+    throw new UsageError("--message and --duration do not go together: load mode uses --size");
   }
-  return load ? await printLoad(options) : await printEchoes(options);
+  if (!load && flags.size !== undefined) throw new UsageError("--size needs --duration");
+  return {
+    hostname: flags.host as string | undefined,
+    port: flags.port as number | undefined,
+    count: flags.count as number | undefined,
+    message: flags.message as string | undefined,
+    timeout: flags.timeout as number | undefined,
+    duration: flags.duration as number | undefined,
+    size: flags.size as number | undefined,
+  };
 }
 
 /** The lesson's run: one line per reply, then a summary. */

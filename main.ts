@@ -11,7 +11,7 @@
  */
 
 import { READ, Selector, type SelectorKey, WRITE } from "./loop.ts";
-import { type Flags, parseFlags, UsageError } from "./cli.ts";
+import { type Flags, parseCommandLine, UsageError } from "./cli.ts";
 
 /** How much the server prints. */
 export type LogLevel = "quiet" | "info" | "verbose";
@@ -314,7 +314,6 @@ const FLAGS = {
   "idle-timeout": { type: "number", min: 0 },
   verbose: { type: "boolean" },
   quiet: { type: "boolean" },
-  help: { type: "boolean" },
 } as const;
 
 /** Reads the command line into serve() options, or throws a UsageError. */
@@ -364,19 +363,14 @@ function isLoopback(host: string): boolean {
  * @returns The exit code: 0 after a clean shutdown, 1 if it could not start, 2 on bad usage.
  */
 export async function main(args: string[]): Promise<number> {
-  let options: ServeOptions;
-  try {
-    const flags = parseFlags(args, FLAGS);
-    if (flags.help) {
-      console.log(HELP);
-      return 0;
-    }
-    options = optionsFrom(flags);
-  } catch (error) {
-    if (!(error instanceof UsageError)) throw error;
-    console.error(`main.ts: ${error.message}\n${USAGE}`);
-    return 2;
-  }
+  const parsed = parseCommandLine(
+    args,
+    FLAGS,
+    { name: "main.ts", usage: USAGE, help: HELP },
+    optionsFrom,
+  );
+  if ("exit" in parsed) return parsed.exit;
+  const { options } = parsed;
   const { hostname = "127.0.0.1", port = 8888 } = options;
   let server: Server;
   try {

@@ -11,7 +11,7 @@
  */
 
 import { type LoadResult, runLoad } from "../client.ts";
-import { parseFlags, UsageError } from "../cli.ts";
+import { parseCommandLine } from "../cli.ts";
 import { processUsage } from "../testing/helpers.ts";
 
 /** A load to measure: `count` connections sending `size`-byte messages. */
@@ -96,20 +96,20 @@ const ms = (x: number) => x.toFixed(2);
 const latency = (r: LoadResult) => `${ms(r.p50)} / ${ms(r.p99)} / ${ms(r.p999)}`;
 
 async function main(args: string[]): Promise<number> {
-  let duration: number;
-  let runs: number;
-  try {
-    const flags = parseFlags(args, {
-      duration: { type: "number", min: 0.5 },
-      runs: { type: "integer", min: 1, max: 20 },
-    });
-    duration = (flags.duration as number | undefined) ?? 3;
-    runs = (flags.runs as number | undefined) ?? 1;
-  } catch (error) {
-    if (!(error instanceof UsageError)) throw error;
-    console.error(`bench.ts: ${error.message}\nusage: deno task bench [--duration S] [--runs N]`);
-    return 2;
-  }
+  const parsed = parseCommandLine(args, {
+    duration: { type: "number", min: 0.5 },
+    runs: { type: "integer", min: 1, max: 20 },
+  }, {
+    name: "bench.ts",
+    usage: "usage: deno task bench [--duration S] [--runs N]",
+    help:
+      "Compares main.ts with the idiomatic baseline.\n\n  --duration S   seconds per scenario and server (default 3)\n  --runs N       runs per scenario, medians reported (default 1)",
+  }, (flags) => ({
+    duration: (flags.duration as number | undefined) ?? 3,
+    runs: (flags.runs as number | undefined) ?? 1,
+  }));
+  if ("exit" in parsed) return parsed.exit;
+  const { duration, runs } = parsed.options;
   const servers = [
     new Server("baseline", "bench/baseline_echo.ts", []),
     new Server("main.ts", "main.ts", ["--quiet", "--port"]),

@@ -10,21 +10,25 @@
  */
 
 import { runLoad } from "../client.ts";
-import { parseFlags, UsageError } from "../cli.ts";
+import { parseCommandLine } from "../cli.ts";
 import { processUsage } from "../testing/helpers.ts";
 
 const root = new URL("../", import.meta.url).pathname;
 
 async function main(args: string[]): Promise<number> {
-  let total: number;
-  try {
-    const flags = parseFlags(args, { "round-trips": { type: "integer", min: 10_000 } });
-    total = (flags["round-trips"] as number | undefined) ?? 1_000_000;
-  } catch (error) {
-    if (!(error instanceof UsageError)) throw error;
-    console.error(`soak.ts: ${error.message}\nusage: deno task soak [--round-trips N]`);
-    return 2;
-  }
+  const parsed = parseCommandLine(
+    args,
+    { "round-trips": { type: "integer", min: 10_000 } },
+    {
+      name: "soak.ts",
+      usage: "usage: deno task soak [--round-trips N]",
+      help:
+        "A million round trips through main.ts, printing its memory.\n\n  --round-trips N   how many (default 1000000)",
+    },
+    (flags) => (flags["round-trips"] as number | undefined) ?? 1_000_000,
+  );
+  if ("exit" in parsed) return parsed.exit;
+  const total = parsed.options;
   const probe = Deno.listen({ hostname: "127.0.0.1", port: 0 });
   const port = probe.addr.port;
   probe.close();
