@@ -25,7 +25,12 @@
  * }
  *
  * function read(key: SelectorKey) {
- *   const data = key.recv(); // should be ready
+ *   let data;
+ *   try {
+ *     data = key.recv(); // should be ready
+ *   } catch {
+ *     return close(key); // a reset: it ends this connection, not the server
+ *   }
  *   if (data) key.send(data); // queued: the loop writes every byte
  *   else selector.modify(key.resource, WRITE, close); // EOF: close once written
  * }

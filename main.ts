@@ -337,7 +337,8 @@ function listenError(error: unknown, host: string, port: number): string {
     return `port ${port} on ${host} is already in use: stop the other server or choose another port with --port`;
   }
   if (error instanceof Deno.errors.NotCapable) {
-    return `no permission to listen on ${where}: run with --allow-net=${host} (deno task start does)`;
+    const task = host === "127.0.0.1" ? " (deno task start does)" : "";
+    return `no permission to listen on ${where}: run with --allow-net=${host}${task}`;
   }
   if (error instanceof Deno.errors.AddrNotAvailable) {
     return `cannot listen on ${host}: it is not an address of this machine (check --host)`;
