@@ -236,6 +236,7 @@ class Scheduler {
   // Watched reads by patience: STARVING_MS << n.
   #watchlists = Array.from({ length: PATIENCE_LEVELS }, () => new Watchlist());
   #completed = 0; // reads completed so far
+  #inFlight = 0; // reads started and not completed
   #deferred: ConnKey[] | undefined = undefined; // while holding: keys waiting to read
   #owed = 0; // while holding: starving reads not yet served
   #holdTimer: ReturnType<typeof setTimeout> | undefined = undefined;
@@ -281,12 +282,17 @@ class Scheduler {
     }
     key.reads++;
     key.patience = 0;
-    this.#watchlists[0].add(key, this.now + STARVING_MS, this.#completed);
+    // Deno defers reads only when more are ready at once than its budget (128) allows:
+    // with fewer in flight none can starve, and watching them would only cost time.
+    if (++this.#inFlight > STARVING_OVERTAKEN) {
+      this.#watchlists[0].add(key, this.now + STARVING_MS, this.#completed);
+    }
     return true;
   }
 
   /** Counts a read that completed (or failed). */
   readDone(key: ConnKey): void {
+    this.#inFlight--;
     this.#completed++;
     if (key.owed) {
       key.owed = false;
