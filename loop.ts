@@ -85,6 +85,7 @@ export interface SelectorKey<T = unknown> {
    * @returns The accepted connection.
    * @throws The error the accept failed with (e.g. "Too many open files"); the
    *   dispatcher retries, backing off while the process is out of descriptors.
+   *   A peer that left before it was accepted is skipped, never reported.
    */
   accept(): Deno.Conn;
   /**
@@ -129,7 +130,7 @@ const HOLD_MAX_MS = 50;
 /** A read that outlasts holds is watched again with patience STARVING_MS << 1, 2, ... 12. */
 const PATIENCE_LEVELS = 13;
 
-/** Accept errors caused by a peer that left before we accepted it: retry at once. */
+/** Accept errors caused by a peer that left before we accepted it: not reported, retried at once. */
 function peerLeft(error: unknown): boolean {
   return error instanceof Deno.errors.NotConnected ||
     error instanceof Deno.errors.ConnectionAborted ||
@@ -531,8 +532,9 @@ class ListenerKey extends Key {
   #onAcceptError = (error: Error): void => {
     this.#inFlight = false;
     if (!this.registered) return;
+    if (peerLeft(error)) return this.startInbound(); // nothing to report: accept the next one
     if (resourceGone(error)) this.#gone = true;
-    else if (!peerLeft(error)) {
+    else {
       // Out of descriptors, or similar: retrying at once would spin the CPU.
       this.#backoffMs = Math.min(MAX_BACKOFF_MS, Math.max(MIN_BACKOFF_MS, this.#backoffMs * 2));
       this.#retryAt = performance.now() + this.#backoffMs;

@@ -35,7 +35,7 @@ export interface ServeOptions {
 /** Counters of a running server. */
 export interface ServerStats {
   /** Connections open now. */
-  open: number;
+  readonly open: number;
   /** Connections accepted since the start. */
   accepted: number;
   /** Bytes received from all connections, each queued to be echoed. */
@@ -109,7 +109,9 @@ export function serve(options: ServeOptions = {}): Server {
   const selector = new Selector();
   const connections = new Set<ConnKey>();
   const stats: ServerStats = {
-    open: 0,
+    get open() {
+      return connections.size;
+    },
     accepted: 0,
     bytes: 0,
     get queued() {
@@ -136,7 +138,6 @@ export function serve(options: ServeOptions = {}): Server {
     if (logs) console.log(`${formatAddr(conn.remoteAddr)} connected`);
     const data = { bytes: 0, lastRead: idleTimeout && performance.now() };
     connections.add(selector.register(conn, READ, read, data));
-    stats.open++;
     stats.accepted++;
     if (stats.open >= maxConns) {
       selector.modify(listener, 0); // the kernel's backlog holds newcomers
@@ -145,11 +146,6 @@ export function serve(options: ServeOptions = {}): Server {
   }
 
   function acceptFailed(error: unknown): void {
-    if (
-      error instanceof Deno.errors.NotConnected ||
-      error instanceof Deno.errors.ConnectionAborted ||
-      error instanceof Deno.errors.ConnectionReset
-    ) return; // the peer left before we accepted it
     if (/too many open files/i.test(String(error))) {
       if (!outOfDescriptors) {
         outOfDescriptors = true;
@@ -189,7 +185,6 @@ export function serve(options: ServeOptions = {}): Server {
     selector.unregister(key.resource);
     key.resource.close();
     connections.delete(key);
-    stats.open--;
     if (logs) {
       const { bytes } = key.data;
       console.log(
