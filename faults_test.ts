@@ -86,6 +86,17 @@ Deno.test("1,000 connections that sent one byte and went quiet do not hold up ot
   await server.close();
 });
 
+Deno.test("600 connections at full speed: every echo is exact and every client finishes", async () => {
+  // More reads are ready at once than Deno serves per turn, so loop.ts holds new reads
+  // now and then (see its Scheduler); the client checks every byte that comes back.
+  const server = serve({ port: 0, logLevel: "quiet" });
+  const args = ["--port", `${server.addr.port}`, "--count", "600", "--duration", "2"];
+  const load = await runScript("client.ts", args);
+  assertEquals(load.code, 0, load.stdout + load.stderr);
+  assertMatch(load.stdout, /^600 connections, 5-byte messages, 2 s: \d+ round trips verified/);
+  await server.close();
+});
+
 Deno.test("--idle-timeout closes connections that send nothing, and only those", async () => {
   const server = serve({ port: 0, logLevel: "quiet", idleTimeout: 300 });
   const { port } = server.addr;

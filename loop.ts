@@ -127,6 +127,8 @@ const STARVING_MS = 20;
 const STARVING_OVERTAKEN = 128;
 /** The longest a hold of new reads lasts. */
 const HOLD_MAX_MS = 50;
+/** During a hold, one held read starts per ADMIT_EVERY starving reads served. */
+const ADMIT_EVERY = 2;
 /** A read that outlasts holds is watched again with patience STARVING_MS << 1, 2, ... 12. */
 const PATIENCE_LEVELS = 13;
 
@@ -224,6 +226,9 @@ class Watchlist {
  * scheduler watches the reads it starts, and when one has been pending for
  * STARVING_MS while STARVING_OVERTAKEN others completed, it holds new reads
  * (dispatch goes on) until the runtime has worked through the pending ones.
+ * During a hold, one held read starts per ADMIT_EVERY starving reads served:
+ * the runtime then gets less new work than it completes, so the backlog drains
+ * while the pipeline stays busy.
  */
 class Scheduler {
   readonly highWaterMark: number;
@@ -238,8 +243,15 @@ class Scheduler {
   #watchlists = Array.from({ length: PATIENCE_LEVELS }, () => new Watchlist());
   #completed = 0; // reads completed so far
   #inFlight = 0; // reads started and not completed
-  #deferred: ConnKey[] | undefined = undefined; // while holding: keys waiting to read
-  #owed = 0; // while holding: starving reads not yet served
+  #writes = 0; // writes completed so far
+  // While holding:
+  #deferred: ConnKey[] | undefined = undefined; // keys waiting to read
+  #deferredHead = 0; // #deferred[#deferredHead...] have not started their read
+  #allowance = 0; // held keys that may read now
+  #owed: ConnKey[] = []; // the starving reads the hold waits for
+  #owing = 0; // how many of them are still pending
+  #holdDeadline = 0; // performance.now() at which the hold ends anyway
+  #holdSeen = -1; // reads and writes completed at the previous timer tick
   #holdTimer: ReturnType<typeof setTimeout> | undefined = undefined;
   #nextCheck = 0; // performance.now() of the next fairness check
 
@@ -275,11 +287,14 @@ class Scheduler {
     return relisted;
   }
 
-  /** Says whether a key may start a read now; if not, it reads when the hold ends. */
+  /** Says whether a key may start a read now; if not, it reads later in the hold or after it. */
   mayRead(key: ConnKey): boolean {
     if (this.#deferred) {
-      this.#deferred.push(key);
-      return false;
+      if (this.#allowance === 0) {
+        this.#deferred.push(key);
+        return false;
+      }
+      this.#allowance--;
     }
     key.reads++;
     key.patience = 0;
@@ -297,14 +312,22 @@ class Scheduler {
     this.#completed++;
     if (key.owed) {
       key.owed = false;
-      this.#owed--;
+      // All served: end the hold now, not at the next timer tick (the CPU could idle till then).
+      if (--this.#owing === 0) queueMicrotask(this.#endHold);
+      else if (this.#owing % ADMIT_EVERY === 0) this.#admitOne();
     }
   }
 
+  /** Counts a write that completed: a read may wait for its peer, which waits for it. */
+  writeDone(): void {
+    this.#writes++;
+  }
+
   /**
-   * If reads are starving, holds new reads (dispatch goes on) until the runtime
-   * has served them: until they complete, a whole timer tick passes with no read
-   * completing (the rest are idle peers), or HOLD_MAX_MS.
+   * If reads are starving, holds new reads (dispatch goes on, and some held reads
+   * start, see #admitOne) until the runtime has served them: until they complete,
+   * a whole timer interval passes with no read or write completing (the rest are
+   * idle peers), or HOLD_MAX_MS.
    *
    * A read still pending after a hold is watched again with twice the patience,
    * so an idle peer costs a few short holds over its lifetime, not one per tick.
@@ -322,38 +345,65 @@ class Scheduler {
     const owed: ConnKey[] = [];
     for (const list of watchlists) owed.push(...list.takeDue(now));
     for (const key of owed) key.owed = true;
-    this.#owed = owed.length;
+    this.#owed = owed;
+    this.#owing = owed.length;
     this.#deferred = [];
-    const deadline = performance.now() + HOLD_MAX_MS;
-    let completed = -1;
-    const check = () => {
-      const stalled = completed === this.#completed;
-      if (!stalled && this.#owed > 0 && performance.now() < deadline) {
-        completed = this.#completed;
-        this.#holdTimer = setTimeout(check, 0);
-        return;
-      }
-      this.#holdTimer = undefined;
-      const later = performance.now();
-      for (const key of owed) {
-        if (!key.owed) continue;
-        key.owed = false;
-        key.patience = Math.min(key.patience + 1, watchlists.length - 1);
-        watchlists[key.patience].add(key, later + (STARVING_MS << key.patience), this.#completed);
-      }
-      this.#owed = 0;
-      const deferred = this.#deferred!;
-      this.#deferred = undefined;
-      for (const key of deferred) key.startInbound();
-    };
-    check();
+    this.#deferredHead = 0;
+    this.#holdDeadline = now + HOLD_MAX_MS;
+    this.#holdSeen = -1;
+    this.#holdTimer = setTimeout(this.#holdTick, 0);
   }
+
+  /**
+   * A timer tick during a hold. Deno runs timers before it delivers the tick's
+   * I/O, so a stall (no progress) is judged over a whole timer interval.
+   */
+  #holdTick = (): void => {
+    const progress = this.#completed + this.#writes;
+    if (progress === this.#holdSeen || performance.now() >= this.#holdDeadline) {
+      return this.#endHold();
+    }
+    this.#holdSeen = progress;
+    this.#holdTimer = setTimeout(this.#holdTick, 0);
+  };
+
+  /** During a hold: lets the next held key read (or the next key that asks). */
+  #admitOne(): void {
+    const deferred = this.#deferred!;
+    this.#allowance++;
+    while (this.#allowance > 0 && this.#deferredHead < deferred.length) {
+      deferred[this.#deferredHead++].startInbound();
+    }
+  }
+
+  /** Ends a hold: watches the reads still owed with more patience, starts the held ones. */
+  #endHold = (): void => {
+    const deferred = this.#deferred;
+    if (!deferred) return;
+    clearTimeout(this.#holdTimer);
+    this.#holdTimer = undefined;
+    const watchlists = this.#watchlists;
+    const later = performance.now();
+    for (const key of this.#owed) {
+      if (!key.owed) continue;
+      key.owed = false;
+      key.patience = Math.min(key.patience + 1, watchlists.length - 1);
+      watchlists[key.patience].add(key, later + (STARVING_MS << key.patience), this.#completed);
+    }
+    this.#owed = [];
+    this.#owing = 0;
+    this.#deferred = undefined;
+    this.#allowance = 0;
+    for (let i = this.#deferredHead; i < deferred.length; i++) deferred[i].startInbound();
+  };
 
   /** Ends a hold at once (the selector is closing). */
   stop(): void {
     clearTimeout(this.#holdTimer);
     this.#holdTimer = undefined;
     this.#deferred = undefined;
+    for (const key of this.#owed) key.owed = false;
+    this.#owed = [];
   }
 
   /** Waits until a key is listed or the timeout passes (`undefined`: no timeout). */
@@ -634,19 +684,20 @@ class ConnKey extends Key {
 
   #onRead = (n: number | null): void => {
     this.#reading = false;
-    this.scheduler.readDone(this);
-    if (!this.registered) return;
-    const size = this.#buf.byteLength;
-    if (n === size) this.#nextSize = Math.min(MAX_READ, size * 4);
-    else if (n !== null && n <= size / 16) this.#nextSize = MIN_READ;
-    this.#received = n;
-    this.scheduler.list(this);
+    if (this.registered) {
+      const size = this.#buf.byteLength;
+      if (n === size) this.#nextSize = Math.min(MAX_READ, size * 4);
+      else if (n !== null && n <= size / 16) this.#nextSize = MIN_READ;
+      this.#received = n;
+      this.scheduler.list(this);
+    }
+    this.scheduler.readDone(this); // last: it may start reads, and must not start ours
   };
 
   #onReadError = (error: Error): void => {
     this.#reading = false;
-    this.scheduler.readDone(this);
     if (this.registered) this.#fail(error);
+    this.scheduler.readDone(this); // last, as in #onRead
   };
 
   #write(): void {
@@ -658,6 +709,7 @@ class ConnKey extends Key {
   }
 
   #onWrite = (n: number): void => {
+    this.scheduler.writeDone();
     const chunk = this.#chunks[this.#head]!;
     if (!this.registered) return this.#lend(chunk, -1);
     this.#queued -= n;
