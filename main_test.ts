@@ -70,6 +70,18 @@ Deno.test("deno run main.ts and deno run client.ts work together as the README s
   assertEquals(stopped.stdout.match(/ connected$/gm)?.length, 20);
 });
 
+Deno.test("--host ::1: the server and the client work over IPv6", async () => {
+  const ipv6 = { permissions: ["--allow-net=[::1]"] };
+  const server = await ServerProcess.start(["--host", "::1", "--port", "0"], ipv6);
+  const { port } = server;
+  assertMatch(server.stdout, new RegExp(`^listening on \\[::1\\]:${port}$`, "m"));
+  const client = await runScript("client.ts", ["--host", "::1", "--port", `${port}`], ipv6);
+  assertEquals([client.code, client.stderr], [0, ""]);
+  assertMatch(client.stdout, /^20\/20 echoed in \d+ ms$/m);
+  await server.waitFor(/^\[::1\]:\d+ closed, 5 bytes echoed$/m);
+  assertEquals((await server.stop("SIGTERM")).code, 0);
+});
+
 Deno.test("an 8 MiB payload is echoed exactly while the client reads concurrently", async () => {
   await withServer(async (server) => {
     const payload = pattern(8 << 20);
