@@ -162,56 +162,58 @@ function checkEvents(resource: Resource, events: number): number {
 /** Which key lent its read buffer: `send()` of those bytes holds that key's reads. */
 const lenders = new WeakMap<ArrayBufferLike, ConnKey>();
 
-/**
- * Pending reads watched for starvation, in the order they are due: per read its
- * key, the key's read number (to skip reads completed since), when it is due,
- * and how many reads had completed when it was added.
- */
+/** Reads started in the same millisecond, watched together for starvation. */
+class Cohort {
+  /** performance.now() when its first read started. */
+  readonly started: number;
+  /** How many of its reads are still pending. */
+  pending = 0;
+  /** performance.now() from which a read still pending is starving, if others overtook it. */
+  due: number;
+  /** How many reads had completed (anywhere) when it was last watched. */
+  completed: number;
+  /** How many holds it has outlasted: it is watched with patience STARVING_MS << patience. */
+  patience = 0;
+  /** True while a hold waits for its pending reads. */
+  owed = false;
+
+  constructor(started: number, completed: number) {
+    this.started = started;
+    this.due = started + STARVING_MS;
+    this.completed = completed;
+  }
+}
+
+/** Cohorts with pending reads, in the order they are due (one list per patience). */
 class Watchlist {
-  #keys: ConnKey[] = [];
-  #marks: number[] = []; // three numbers per read
+  #cohorts: Cohort[] = [];
   #head = 0;
 
-  add(key: ConnKey, due: number, completed: number): void {
-    this.#keys.push(key);
-    this.#marks.push(key.reads, due, completed);
+  add(cohort: Cohort): void {
+    this.#cohorts.push(cohort);
   }
 
-  /** Whether the first pending read is due at `now`, after `overtaken` others completed. */
-  due(now: number, completed: number, overtaken: number): boolean {
-    const head = this.#skip();
-    const marks = this.#marks;
-    return head < this.#keys.length && marks[3 * head + 1] <= now &&
-      completed - marks[3 * head + 2] > overtaken;
-  }
-
-  /** Removes the reads due at `now` and still pending, and returns their keys. */
-  takeDue(now: number): ConnKey[] {
-    const keys = this.#keys;
-    const marks = this.#marks;
-    const due = [];
-    let i = this.#skip();
-    for (; i < keys.length && marks[3 * i + 1] <= now; i++) {
-      if (keys[i].reading && keys[i].reads === marks[3 * i]) due.push(keys[i]);
-    }
-    this.#head = i;
-    return due;
-  }
-
-  /** Drops completed reads from the front; returns the index of the first pending one. */
-  #skip(): number {
-    const keys = this.#keys;
-    const marks = this.#marks;
+  /** The first cohort with reads pending, if any. */
+  first(): Cohort | undefined {
+    const cohorts = this.#cohorts;
     let head = this.#head;
-    while (head < keys.length && !(keys[head].reading && keys[head].reads === marks[3 * head])) {
-      head++;
-    }
-    if (head > 1024 && head * 2 > keys.length) { // compact now and then
-      keys.splice(0, head);
-      marks.splice(0, 3 * head);
+    while (head < cohorts.length && cohorts[head].pending === 0) head++;
+    if (head > 1024 && head * 2 > cohorts.length) { // compact now and then
+      cohorts.splice(0, head);
       head = 0;
     }
-    return this.#head = head;
+    this.#head = head;
+    return cohorts[head];
+  }
+
+  /** Moves the cohorts due at `now` that still have reads pending into `into`. */
+  takeDue(now: number, into: Cohort[]): void {
+    const cohorts = this.#cohorts;
+    let head = this.#head;
+    for (; head < cohorts.length && cohorts[head].due <= now; head++) {
+      if (cohorts[head].pending > 0) into.push(cohorts[head]);
+    }
+    this.#head = head;
   }
 }
 
@@ -239,8 +241,9 @@ class Scheduler {
   #spare: Key[] = []; // the previous ready array, reused
   #held: Key[] = []; // keys reported (or recv()'d) since the last select()
   #wake: (() => void) | undefined = undefined; // resolves the waiting select()
-  // Watched reads by patience: STARVING_MS << n.
+  // Watched cohorts of reads by patience: STARVING_MS << n.
   #watchlists = Array.from({ length: PATIENCE_LEVELS }, () => new Watchlist());
+  #cohort: Cohort | undefined = undefined; // the cohort reads started now join
   #completed = 0; // reads completed so far
   #inFlight = 0; // reads started and not completed
   #writes = 0; // writes completed so far
@@ -248,7 +251,7 @@ class Scheduler {
   #deferred: ConnKey[] | undefined = undefined; // keys waiting to read
   #deferredHead = 0; // #deferred[#deferredHead...] have not started their read
   #allowance = 0; // held keys that may read now
-  #owed: ConnKey[] = []; // the starving reads the hold waits for
+  #owed: Cohort[] = []; // the starving reads the hold waits for
   #owing = 0; // how many of them are still pending
   #holdDeadline = 0; // performance.now() at which the hold ends anyway
   #holdSeen = -1; // reads and writes completed at the previous timer tick
@@ -296,12 +299,16 @@ class Scheduler {
       }
       this.#allowance--;
     }
-    key.reads++;
-    key.patience = 0;
     // Deno defers reads only when more are ready at once than its budget (128) allows:
     // with fewer in flight none can starve, and watching them would only cost time.
     if (++this.#inFlight > STARVING_OVERTAKEN) {
-      this.#watchlists[0].add(key, this.now + STARVING_MS, this.#completed);
+      let cohort = this.#cohort;
+      if (!cohort || this.now - cohort.started >= 1) {
+        this.#cohort = cohort = new Cohort(this.now, this.#completed);
+        this.#watchlists[0].add(cohort);
+      }
+      cohort.pending++;
+      key.cohort = cohort;
     }
     return true;
   }
@@ -310,8 +317,11 @@ class Scheduler {
   readDone(key: ConnKey): void {
     this.#inFlight--;
     this.#completed++;
-    if (key.owed) {
-      key.owed = false;
+    const cohort = key.cohort;
+    if (!cohort) return;
+    key.cohort = undefined;
+    cohort.pending--;
+    if (cohort.owed) {
       // All served: end the hold now, not at the next timer tick (the CPU could idle till then).
       if (--this.#owing === 0) queueMicrotask(this.#endHold);
       else if (this.#owing % ADMIT_EVERY === 0) this.#admitOne();
@@ -336,17 +346,22 @@ class Scheduler {
     const { now } = this;
     if (this.#deferred || now < this.#nextCheck) return;
     this.#nextCheck = now + 1; // a millisecond is fine enough, and keeps this off the hot path
-    const watchlists = this.#watchlists;
-    let starving = false;
-    for (let i = 0; i < watchlists.length && !starving; i++) {
-      starving = watchlists[i].due(now, this.#completed, STARVING_OVERTAKEN);
-    }
+    const completed = this.#completed;
+    const starving = this.#watchlists.some((list) => {
+      const first = list.first();
+      return first !== undefined && first.due <= now &&
+        completed - first.completed > STARVING_OVERTAKEN;
+    });
     if (!starving) return;
-    const owed: ConnKey[] = [];
-    for (const list of watchlists) owed.push(...list.takeDue(now));
-    for (const key of owed) key.owed = true;
+    const owed: Cohort[] = [];
+    for (const list of this.#watchlists) list.takeDue(now, owed);
+    let owing = 0;
+    for (const cohort of owed) {
+      cohort.owed = true;
+      owing += cohort.pending;
+    }
     this.#owed = owed;
-    this.#owing = owed.length;
+    this.#owing = owing;
     this.#deferred = [];
     this.#deferredHead = 0;
     this.#holdDeadline = now + HOLD_MAX_MS;
@@ -384,11 +399,13 @@ class Scheduler {
     this.#holdTimer = undefined;
     const watchlists = this.#watchlists;
     const later = performance.now();
-    for (const key of this.#owed) {
-      if (!key.owed) continue;
-      key.owed = false;
-      key.patience = Math.min(key.patience + 1, watchlists.length - 1);
-      watchlists[key.patience].add(key, later + (STARVING_MS << key.patience), this.#completed);
+    for (const cohort of this.#owed) {
+      cohort.owed = false;
+      if (cohort.pending === 0) continue;
+      cohort.patience = Math.min(cohort.patience + 1, watchlists.length - 1);
+      cohort.due = later + (STARVING_MS << cohort.patience);
+      cohort.completed = this.#completed;
+      watchlists[cohort.patience].add(cohort);
     }
     this.#owed = [];
     this.#owing = 0;
@@ -402,7 +419,7 @@ class Scheduler {
     clearTimeout(this.#holdTimer);
     this.#holdTimer = undefined;
     this.#deferred = undefined;
-    for (const key of this.#owed) key.owed = false;
+    for (const cohort of this.#owed) cohort.owed = false;
     this.#owed = [];
   }
 
@@ -602,12 +619,8 @@ class ListenerKey extends Key {
 
 /** A connection's key: keeps one read in flight, and writes what send() queues. */
 class ConnKey extends Key {
-  /** How many reads the key has started. */
-  reads = 0;
-  /** How many holds its pending read has outlasted (see Scheduler.checkFairness). */
-  patience = 0;
-  /** True while a hold waits for its pending read. */
-  owed = false;
+  /** The cohort its pending read is watched in, if it is (see Scheduler). */
+  cohort: Cohort | undefined = undefined;
   // Inbound: one read in flight at a time.
   #reading = false;
   #received: number | null | undefined = undefined; // bytes in #buf, null at EOF
@@ -623,11 +636,6 @@ class ConnKey extends Key {
 
   override get queued(): number {
     return this.#queued;
-  }
-
-  /** True while a read is in flight. */
-  get reading(): boolean {
-    return this.#reading;
   }
 
   get readiness(): number {
