@@ -414,13 +414,9 @@ class Scheduler {
     for (let i = this.#deferredHead; i < deferred.length; i++) deferred[i].startInbound();
   };
 
-  /** Ends a hold at once (the selector is closing). */
+  /** Ends a hold at once: the selector is closing (its keys, unregistered, start no reads). */
   stop(): void {
-    clearTimeout(this.#holdTimer);
-    this.#holdTimer = undefined;
-    this.#deferred = undefined;
-    for (const cohort of this.#owed) cohort.owed = false;
-    this.#owed = [];
+    this.#endHold();
   }
 
   /** Waits until a key is listed or the timeout passes (`undefined`: no timeout). */
