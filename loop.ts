@@ -3,19 +3,39 @@
  * register resources with the events you want, `select()` the ready ones, and
  * call their callbacks from one loop.
  *
- * Deno offers completions (promises), not readiness (epoll), so readiness is
- * built from completions. For each key the dispatcher keeps one operation in
- * flight: an `accept()` for a listener, a `read()` for a connection. When it
- * completes the key is ready, and the callback takes the result at once with
+ * How completions become readiness: Deno offers completions (promises), not
+ * readiness (epoll). So for each registered key the dispatcher keeps one
+ * operation in flight, an `accept()` for a listener or a `read()` for a
+ * connection. When it completes, the key goes on the ready list and the waiting
+ * `select()` wakes up. The callback then takes the result at once with
  * {@linkcode SelectorKey.accept} or {@linkcode SelectorKey.recv} ("should be
- * ready", as in the Python version). {@linkcode SelectorKey.send} queues bytes
- * and the dispatcher writes all of them, continuing partial writes itself.
+ * ready", as in the Python version), and the next operation starts.
+ * {@linkcode SelectorKey.send} queues bytes; the dispatcher writes every one of
+ * them, continuing partial writes itself, and a key is WRITE-ready when all
+ * of its queue is written.
  *
- * This file imports nothing: copy it into your project as it is.
+ * The lesson's loop, `for key, mask in sel.select(): key.data(key.fileobj, mask)`,
+ * reads in TypeScript:
  *
- * @example An echo server
  * ```ts ignore
+ * for (;;) {
+ *   for (const [key, mask] of await selector.select()) key.callback(key, mask);
+ * }
+ * ```
+ *
+ * {@linkcode Selector.run} is that loop with less overhead per turn; it ends
+ * when the selector is closed or no resource is left.
+ *
+ * The file reads top-down: §1 the public API, §2 the core (the ready list and
+ * the keys), §3 fairness under saturation. §3 is optional: delete it and every
+ * line marked `// fairness`, and the core still works, only less fairly when
+ * the process saturates its CPU. This file imports nothing: copy it into your
+ * project as it is.
+ *
+ * @example An echo server, and one client to try it
+ * ```ts
  * import { READ, Selector, type SelectorKey, WRITE } from "./loop.ts";
+ * import { assertEquals } from "@std/assert";
  *
  * const selector = new Selector();
  *
@@ -40,13 +60,30 @@
  *   key.resource.close();
  * }
  *
- * const listener = Deno.listen({ hostname: "127.0.0.1", port: 1234 });
+ * const listener = Deno.listen({ hostname: "127.0.0.1", port: 0 });
  * selector.register(listener, READ, accept);
- * await selector.run(); // for each ready key: key.callback(key, mask)
+ * const serving = selector.run(); // for each ready key: key.callback(key, mask)
+ *
+ * // One client: send "hello", say we are done, read the echo until EOF.
+ * const conn = await Deno.connect({ hostname: "127.0.0.1", port: listener.addr.port });
+ * await conn.write(new TextEncoder().encode("hello"));
+ * await conn.closeWrite();
+ * const reply = new Uint8Array(64);
+ * let got = 0;
+ * for (let n; (n = await conn.read(reply.subarray(got))) !== null;) got += n;
+ * conn.close();
+ * assertEquals(new TextDecoder().decode(reply.subarray(0, got)), "hello");
+ *
+ * selector.close(); // closes the listener too, and ends run()
+ * await serving;
  * ```
  *
  * @module
  */
+
+// ===========================================================================
+// §1 The public API
+// ===========================================================================
 
 /** Interest in, and readiness for, reading: an accepted connection or received bytes are waiting. */
 export const READ = 1;
@@ -116,33 +153,228 @@ export interface SelectorOptions {
   lowWaterMark?: number;
 }
 
-/** The smallest and largest read buffers; an idle connection waits on the smallest. */
-const MIN_READ = 256;
-const MAX_READ = 64 * 1024;
-/** Back-off between accepts while the process is out of file descriptors. */
-const MIN_BACKOFF_MS = 10;
-const MAX_BACKOFF_MS = 500;
-/** A read pending this long, overtaken by this many others, is starving: see Scheduler. */
-const STARVING_MS = 20;
-const STARVING_OVERTAKEN = 128;
-/** The longest a hold of new reads lasts. */
-const HOLD_MAX_MS = 50;
-/** During a hold, one held read starts per ADMIT_EVERY starving reads served. */
-const ADMIT_EVERY = 2;
-/** A read that outlasts holds is watched again with patience STARVING_MS << 1, 2, ... 12. */
-const PATIENCE_LEVELS = 13;
+/**
+ * Waits for registered resources to become ready and dispatches their callbacks.
+ *
+ * Work per event is O(1) however many keys are registered: a completion puts
+ * its key on the ready list and wakes the one waiting `select()`.
+ */
+export class Selector {
+  /** Queued bytes above which a connection stops reading. */
+  readonly highWaterMark: number;
+  /** Queued bytes at or below which it reads again. */
+  readonly lowWaterMark: number;
+  /** Every registered resource's key: for getKey(), modify(), unregister() and close(). */
+  readonly #keys = new Map<Resource, Key>();
+  /** What the keys share: the ready list, the wake-up, the water marks. */
+  readonly #core: SelectorCore;
+  /** The array select() returns, reused so that a turn allocates nothing. */
+  readonly #events: ReadyEvent[] = [];
+  /** True while a select() or run() waits: only one may. */
+  #selecting = false;
+  /** True once close() was called: nothing may be registered again. */
+  #closed = false;
 
-/** Accept errors caused by a peer that left before we accepted it: not reported, retried at once. */
-function peerLeft(error: unknown): boolean {
-  return error instanceof Deno.errors.NotConnected ||
-    error instanceof Deno.errors.ConnectionAborted ||
-    error instanceof Deno.errors.ConnectionReset;
-}
+  /**
+   * Creates a selector.
+   *
+   * @param options Backpressure thresholds for `send()`.
+   */
+  constructor(options: SelectorOptions = {}) {
+    const { highWaterMark = 64 * 1024, lowWaterMark = 16 * 1024 } = options;
+    if (!(lowWaterMark >= 0 && highWaterMark >= lowWaterMark)) {
+      throw new RangeError(
+        `Water marks must satisfy 0 <= low <= high: got low ${lowWaterMark}, high ${highWaterMark}`,
+      );
+    }
+    this.highWaterMark = highWaterMark;
+    this.lowWaterMark = lowWaterMark;
+    this.#core = new SelectorCore(highWaterMark, lowWaterMark);
+  }
 
-/** Errors that mean the resource itself is gone (closed): never retry. */
-function resourceGone(error: unknown): boolean {
-  return error instanceof Deno.errors.BadResource ||
-    error instanceof Deno.errors.Interrupted;
+  /** How many resources are registered. */
+  get size(): number {
+    return this.#keys.size;
+  }
+
+  /**
+   * Starts watching a resource. With READ interest the dispatcher starts an
+   * accept (listener) or a read (connection) right away.
+   *
+   * @param resource A listener or a connection.
+   * @param events {@linkcode READ}, {@linkcode WRITE} (connections), both, or 0.
+   * @param callback What {@linkcode Selector.run} calls when the key is ready.
+   * @param data Anything to attach to the key.
+   * @returns The new key.
+   * @throws {Error} If the resource is already registered or the selector is closed.
+   */
+  register<T = undefined>(
+    resource: Resource,
+    events: number,
+    callback: Callback<T>,
+    data?: T,
+  ): SelectorKey<T> {
+    if (this.#closed) throw new Error("Cannot register: the selector is closed");
+    if (this.#keys.has(resource)) {
+      throw new Error("Cannot register: the resource is already registered");
+    }
+    const interest = checkEvents(resource, events);
+    const key = "read" in resource
+      ? new ConnKey(resource, interest, callback, data, this.#core)
+      : new ListenerKey(resource, interest, callback, data, this.#core);
+    this.#keys.set(resource, key);
+    key.startNext();
+    this.#core.markReady(key);
+    return key;
+  }
+
+  /**
+   * Changes a registered resource's interest, and its callback or data if given.
+   * Interest 0 pauses it: nothing is reported and no new read or accept starts.
+   *
+   * @param resource A registered resource.
+   * @param events The new interest.
+   * @param callback The new callback; the old one is kept if omitted.
+   * @param data The new data; the old data is kept if omitted.
+   * @returns The key.
+   * @throws {Error} If the resource is not registered.
+   */
+  modify<T = undefined>(
+    resource: Resource,
+    events: number,
+    callback?: Callback<T>,
+    data?: T,
+  ): SelectorKey<T> {
+    const key = this.#keyOf(resource);
+    key.events = checkEvents(resource, events);
+    if (callback) key.callback = callback;
+    if (data !== undefined) key.data = data;
+    key.startNext();
+    this.#core.markReady(key);
+    return key;
+  }
+
+  /**
+   * Stops watching a resource and drops what is pending for it: an accepted
+   * connection not yet taken, received bytes, bytes queued by `send()`. The
+   * resource stays open: close it, which also ends the read or accept Deno
+   * still has in flight for it.
+   *
+   * @param resource A registered resource.
+   * @returns The key it had.
+   * @throws {Error} If the resource is not registered.
+   */
+  unregister(resource: Resource): SelectorKey {
+    const key = this.#keyOf(resource);
+    this.#keys.delete(resource);
+    key.cancel();
+    if (this.#keys.size === 0) this.#core.wakeUp(); // nothing left to wait for
+    return key;
+  }
+
+  /**
+   * The key of a registered resource.
+   *
+   * @param resource Any resource.
+   * @returns Its key, or `undefined` if it is not registered.
+   */
+  getKey(resource: Resource): SelectorKey | undefined {
+    return this.#keys.get(resource);
+  }
+
+  /**
+   * Waits until at least one registered resource is ready, or the timeout passes.
+   * A key stays ready until its callback takes the result (level-triggered).
+   *
+   * @param timeout Milliseconds to wait at most; 0 polls; omit to wait until
+   *   something is ready (an empty selector returns at once).
+   * @returns `[key, mask]` pairs, mask being the ready events of interest. The
+   *   array and the pairs are reused by the next call.
+   */
+  async select(timeout?: number): Promise<ReadyEvent[]> {
+    this.#enter();
+    try {
+      const waiting = this.#prepare(timeout);
+      if (waiting) await waiting;
+      return this.#collect();
+    } finally {
+      this.#selecting = false;
+    }
+  }
+
+  /**
+   * The loop: select, then call each ready key's callback with its mask, until
+   * the selector is closed or no resource is left.
+   *
+   * @returns A promise that settles when the loop ends; it rejects if a callback throws.
+   */
+  async run(): Promise<void> {
+    this.#enter();
+    try {
+      while (!this.#closed && this.#keys.size > 0) {
+        const waiting = this.#prepare(undefined); // select(), without a promise of its own
+        if (waiting) await waiting;
+        const events = this.#collect();
+        for (let i = 0; i < events.length; i++) {
+          const key = events[i][0] as Key;
+          if (key.registered) key.callback(key, events[i][1]);
+        }
+      }
+    } finally {
+      this.#selecting = false;
+    }
+  }
+
+  /**
+   * Unregisters and closes every resource (closing is the only way to end the
+   * reads and accepts Deno has in flight), and ends `run()`.
+   */
+  close(): void {
+    if (this.#closed) return;
+    this.#closed = true;
+    for (const [resource, key] of this.#keys) {
+      key.cancel();
+      try {
+        resource.close();
+      } catch {
+        // already closed by its owner
+      }
+    }
+    this.#keys.clear();
+    this.#core.fairness.stop(); // fairness
+    this.#core.wakeUp();
+  }
+
+  #enter(): void {
+    if (this.#selecting) throw new Error("Cannot select: another select() is waiting");
+    this.#selecting = true;
+  }
+
+  /** What select() does before it waits: returns what to wait for, if anything. */
+  #prepare(timeout: number | undefined): Promise<unknown> | undefined {
+    const core = this.#core;
+    const relisted = core.unpinAll();
+    if (relisted > 0 && relisted === core.readyCount) {
+      // Only old events: let Deno poll I/O first, or this loop would starve it.
+      return new Promise((resolve) => setTimeout(resolve, 0));
+    }
+    if (core.readyCount === 0 && !this.#closed && this.#keys.size > 0 && timeout !== 0) {
+      return core.wait(timeout);
+    }
+  }
+
+  /** What select() does once it has waited: takes the ready keys. */
+  #collect(): ReadyEvent[] {
+    const events = this.#core.collect(this.#events);
+    this.#core.fairness.check(performance.now()); // fairness
+    return events;
+  }
+
+  #keyOf(resource: Resource): Key {
+    const key = this.#keys.get(resource);
+    if (!key) throw new Error("The resource is not registered");
+    return key;
+  }
 }
 
 /** Checks an interest mask: READ and WRITE bits only, READ only for a listener. */
@@ -159,22 +391,514 @@ function checkEvents(resource: Resource, events: number): number {
   return events;
 }
 
-/** Which key lent its read buffer: `send()` of those bytes holds that key's reads. */
+// ===========================================================================
+// §2 The core: the ready list, and the keys that fill it
+// ===========================================================================
+
+/**
+ * What every key of one selector shares: the ready list, the wake-up of the
+ * waiting `select()`, and the keys whose bytes are pinned until the next one.
+ *
+ * A key is on the ready list at most once (`key.listed`). Each `select()`
+ * takes the whole list and reports the keys that are still ready for an event
+ * of interest; a key whose callback did not take its result is put back by
+ * the next `select()`, as a level-triggered selector reports it again.
+ */
+class SelectorCore {
+  /** Queued bytes above which a connection stops reading (backpressure). */
+  readonly highWaterMark: number;
+  /** Queued bytes at or below which a paused connection reads again. */
+  readonly lowWaterMark: number;
+  /** Decides when reads may start; see §3. */
+  readonly fairness: Fairness = new Fairness(); // fairness
+  /** Keys that may be ready, each once: what the next select() looks at. */
+  #ready: Key[] = [];
+  /** The previous ready array, swapped in by collect() so that no turn allocates. */
+  #spare: Key[] = [];
+  /** Keys whose read buffer the caller may still be looking at: unpinned by the next select(). */
+  #pinned: Key[] = [];
+  /** Resolves the waiting select(), while one waits. */
+  #wake: (() => void) | undefined = undefined;
+
+  constructor(highWaterMark: number, lowWaterMark: number) {
+    this.highWaterMark = highWaterMark;
+    this.lowWaterMark = lowWaterMark;
+  }
+
+  /** How many keys are on the ready list. */
+  get readyCount(): number {
+    return this.#ready.length;
+  }
+
+  /** Puts a key that may be ready on the ready list, and wakes select(); returns whether it was added. */
+  markReady(key: Key): boolean {
+    if (key.listed || !key.registered || !(key.readiness & key.events)) return false;
+    key.listed = true;
+    this.#ready.push(key);
+    this.wakeUp();
+    return true;
+  }
+
+  /** Pins a key's read buffer: no read may reuse it until the next select(). */
+  pin(key: Key): void {
+    key.pinned = true;
+    this.#pinned.push(key);
+  }
+
+  /** Unpins the keys pinned since the last select(); returns how many went back on the ready list. */
+  unpinAll(): number {
+    let relisted = 0;
+    for (const key of this.#pinned) if (key.unpin()) relisted++;
+    this.#pinned.length = 0;
+    return relisted;
+  }
+
+  /** Waits until a key is marked ready or the timeout passes (`undefined`: no timeout). */
+  wait(timeout: number | undefined): Promise<void> {
+    if (timeout === undefined) return new Promise<void>(this.#waitForever);
+    return new Promise<void>((resolve) => {
+      const timer = setTimeout(() => {
+        this.#wake = undefined;
+        resolve();
+      }, timeout);
+      this.#wake = () => {
+        clearTimeout(timer);
+        resolve();
+      };
+    });
+  }
+
+  /** The executor of wait() without a timeout, made once. */
+  #waitForever = (resolve: () => void): void => {
+    this.#wake = resolve;
+  };
+
+  /** Ends the wait of select(), if one waits. */
+  wakeUp(): void {
+    const wake = this.#wake;
+    this.#wake = undefined;
+    wake?.();
+  }
+
+  /** Takes the ready list: fills `events` with the keys still ready, and pins each one reported. */
+  collect(events: ReadyEvent[]): ReadyEvent[] {
+    const ready = this.#ready;
+    this.#ready = this.#spare;
+    this.#spare = ready;
+    events.length = 0;
+    for (let i = 0; i < ready.length; i++) {
+      const key = ready[i];
+      key.listed = false;
+      const mask = key.readiness & key.events;
+      if (!key.registered || mask === 0) continue;
+      key.event[1] = mask;
+      events.push(key.event);
+      if (!key.pinned) this.pin(key);
+    }
+    ready.length = 0;
+    return events;
+  }
+}
+
+// Keys of any data type live in one map; the public type is SelectorKey<T>.
+// deno-lint-ignore no-explicit-any
+type AnyData = any;
+
+/** What listener and connection keys share; the implementation of SelectorKey. */
+abstract class Key implements SelectorKey<AnyData> {
+  readonly resource: Resource;
+  events: number;
+  callback: Callback<AnyData>;
+  data: AnyData;
+  error: Error | undefined = undefined;
+  /** The `[key, mask]` pair select() reports for this key, made once and reused. */
+  readonly event: ReadyEvent;
+  /** True while on the ready list, so that it is never listed twice. */
+  listed = false;
+  /** False once unregistered: late completions are then dropped. */
+  registered = true;
+  /** True from the select() that reported the key (or from recv()) to the next select(). */
+  pinned = false;
+  /** The ready list and what else the selector's keys share. */
+  protected readonly core: SelectorCore;
+
+  constructor(
+    resource: Resource,
+    events: number,
+    callback: Callback<AnyData>,
+    data: AnyData,
+    core: SelectorCore,
+  ) {
+    this.resource = resource;
+    this.events = events;
+    this.callback = callback;
+    this.data = data;
+    this.core = core;
+    this.event = [this, 0];
+  }
+
+  /** The events the key is ready for, whatever its interest. */
+  abstract get readiness(): number;
+  /** Starts the next accept or read, if the key wants one and nothing holds it back. */
+  abstract startNext(): void;
+  /** Drops everything pending; late completions are ignored from now on. */
+  abstract cancel(): void;
+
+  get queued(): number {
+    return 0;
+  }
+
+  accept(): Deno.Conn {
+    throw new TypeError("accept() needs a listener's key");
+  }
+
+  recv(): Uint8Array | null {
+    throw new TypeError("recv() needs a connection's key");
+  }
+
+  send(_bytes: Uint8Array): void {
+    throw new TypeError("send() needs a connection's key");
+  }
+
+  /**
+   * Called by the next select(): the bytes recv() handed out may be reused now.
+   * A key still ready (its callback did not take the result) goes back on the
+   * ready list.
+   *
+   * @returns Whether the key went back on the ready list.
+   */
+  unpin(): boolean {
+    this.pinned = false;
+    if (!this.registered) return false;
+    this.startNext();
+    return this.core.markReady(this);
+  }
+}
+
+/** Back-off between accepts while the process is out of file descriptors: doubles from min to max. */
+const MIN_BACKOFF_MS = 10;
+const MAX_BACKOFF_MS = 500;
+
+/** Accept errors caused by a peer that left before we accepted it: not reported, retried at once. */
+function peerLeft(error: unknown): boolean {
+  return error instanceof Deno.errors.NotConnected ||
+    error instanceof Deno.errors.ConnectionAborted ||
+    error instanceof Deno.errors.ConnectionReset;
+}
+
+/** Errors that mean the resource itself is gone (closed): never retry. */
+function resourceGone(error: unknown): boolean {
+  return error instanceof Deno.errors.BadResource ||
+    error instanceof Deno.errors.Interrupted;
+}
+
+/**
+ * A listener's key: keeps one accept in flight. When accepting fails for want
+ * of descriptors (EMFILE), retrying at once would spin the CPU, so it backs off.
+ */
+class ListenerKey extends Key {
+  /** True while an accept() is pending: one at a time. */
+  #accepting = false;
+  /** The connection accepted and not yet taken by accept(). */
+  #accepted: Deno.Conn | null = null;
+  /** True once the listener is closed: no accept will ever work again. */
+  #gone = false;
+  /** The current back-off: 0 after a success, doubling with each failure. */
+  #backoffMs = 0;
+  /** performance.now() before which no accept is tried. */
+  #retryAt = 0;
+  /** The timer that ends a back-off. */
+  #retryTimer: ReturnType<typeof setTimeout> | undefined = undefined;
+
+  get readiness(): number {
+    return this.error || this.#accepted ? READ : 0;
+  }
+
+  override accept(): Deno.Conn {
+    const conn = this.#accepted;
+    this.#accepted = null;
+    if (conn) return conn;
+    const error = this.error;
+    if (!this.#gone) this.error = undefined; // accept errors pass; the next accept may work
+    throw error ?? new Deno.errors.WouldBlock("accept() before the key was ready");
+  }
+
+  startNext(): void {
+    if (
+      this.#accepting || !this.registered || !(this.events & READ) || this.error ||
+      this.#accepted || this.#retryTimer
+    ) return;
+    const wait = this.#retryAt && this.#retryAt - performance.now();
+    if (wait > 0) {
+      this.#retryTimer = setTimeout(this.#retry, wait);
+      return;
+    }
+    this.#accepting = true;
+    (this.resource as Deno.Listener).accept().then(this.#onAccept, this.#onAcceptError);
+  }
+
+  cancel(): void {
+    this.registered = false;
+    clearTimeout(this.#retryTimer);
+    this.#retryTimer = undefined;
+    this.#accepted?.close(); // accepted by us, never handed out
+    this.#accepted = null;
+  }
+
+  #onAccept = (conn: Deno.Conn): void => {
+    this.#accepting = false;
+    this.#backoffMs = 0;
+    this.#retryAt = 0;
+    if (!this.registered) return conn.close();
+    this.#accepted = conn;
+    this.core.markReady(this);
+  };
+
+  #onAcceptError = (error: Error): void => {
+    this.#accepting = false;
+    if (!this.registered) return;
+    if (peerLeft(error)) return this.startNext(); // nothing to report: accept the next one
+    if (resourceGone(error)) this.#gone = true;
+    else {
+      this.#backoffMs = Math.min(MAX_BACKOFF_MS, Math.max(MIN_BACKOFF_MS, this.#backoffMs * 2));
+      this.#retryAt = performance.now() + this.#backoffMs;
+    }
+    this.error = error;
+    this.core.markReady(this);
+  };
+
+  #retry = (): void => {
+    this.#retryTimer = undefined;
+    this.#retryAt = 0;
+    this.startNext();
+  };
+}
+
+/**
+ * Read sizes. V8 zero-fills every buffer, so each one is resident memory: an
+ * idle connection waits on MIN_READ bytes. A read that fills its buffer makes
+ * the next one 4 times larger, up to MAX_READ; a read of a sixteenth or less
+ * drops it back to MIN_READ.
+ */
+const MIN_READ = 256;
+const MAX_READ = 64 * 1024;
+
+/**
+ * Zero-copy echo. recv() hands out the key's read buffer itself, not a copy, so
+ * `send(recv())` writes those very bytes. While any of them wait in a send
+ * queue (on this key or another), the buffer is *lent*, and the key starts no
+ * read, since a read would overwrite them; the last write of a lent chunk
+ * returns it. This map finds the key a buffer belongs to, from any send queue.
+ */
 const lenders = new WeakMap<ArrayBufferLike, ConnKey>();
+
+/** A connection's key: keeps one read in flight, and writes what send() queues. */
+class ConnKey extends Key {
+  /** The fairness cohort its pending read is counted in, if any (see §3). */
+  cohort: Cohort | undefined = undefined; // fairness
+  /** True while a read() is pending: one at a time. */
+  #reading = false;
+  /** What the last read gave and recv() has not taken: a byte count, null at EOF. */
+  #received: number | null | undefined = undefined;
+  /** Chunks of #buf waiting in some send queue: no read while any do. */
+  #lent = 0;
+  /** The read buffer, handed out by recv() (see `lenders`). */
+  #buf: Uint8Array = new Uint8Array(0);
+  /** The size of the next read buffer. */
+  #nextSize = MIN_READ;
+  /** The send queue: chunks not yet written, from #head on (the rest are written). */
+  #chunks: (Uint8Array | undefined)[] = [];
+  /** Index of the chunk being written: shifting the array on each write would cost O(n). */
+  #head = 0;
+  /** Bytes in the send queue. */
+  #queued = 0;
+  /** True while a write() is pending: one at a time, in order. */
+  #writing = false;
+  /** Backpressure: true from above the high-water mark until back at the low-water mark. */
+  #paused = false;
+
+  override get queued(): number {
+    return this.#queued;
+  }
+
+  get readiness(): number {
+    if (this.error) return READ | WRITE;
+    return (this.#received !== undefined ? READ : 0) | (this.#queued === 0 ? WRITE : 0);
+  }
+
+  override recv(): Uint8Array | null {
+    if (this.error) throw this.error;
+    const n = this.#received;
+    if (n === undefined) throw new Deno.errors.WouldBlock("recv() before the key was ready");
+    if (n === null) return null; // EOF stays readable, as on a socket
+    this.#received = undefined;
+    if (!this.pinned) this.core.pin(this); // the bytes are the caller's until select()
+    return this.#buf.subarray(0, n);
+  }
+
+  override send(bytes: Uint8Array): void {
+    if (this.error) throw this.error;
+    if (!this.registered) throw new Deno.errors.BadResource("send() on an unregistered key");
+    if (bytes.byteLength === 0) return;
+    this.#lend(bytes, 1);
+    this.#chunks.push(bytes);
+    this.#queued += bytes.byteLength;
+    if (this.#queued > this.core.highWaterMark) this.#paused = true;
+    if (!this.#writing) this.#write();
+  }
+
+  /** Counts chunks of this key's read buffer entering (+1) or leaving (-1) a send queue. */
+  lent(delta: number): void {
+    this.#lent += delta;
+    if (this.#lent === 0) this.startNext();
+  }
+
+  startNext(): void {
+    if (
+      this.#reading || !this.registered || !(this.events & READ) || this.error ||
+      this.#received !== undefined || this.pinned || this.#lent > 0 || this.#paused
+    ) return;
+    if (!this.core.fairness.admitRead(this)) return; // fairness: throttled, it starts later
+    if (this.#buf.byteLength !== this.#nextSize) {
+      this.#buf = new Uint8Array(this.#nextSize);
+      lenders.set(this.#buf.buffer, this);
+    }
+    this.#reading = true;
+    (this.resource as Deno.Conn).read(this.#buf).then(this.#onRead, this.#onReadError);
+  }
+
+  cancel(): void {
+    this.registered = false;
+    // A chunk being written stays lent until its write completes.
+    this.#dropQueue(this.#writing ? this.#head + 1 : this.#head);
+  }
+
+  #onRead = (n: number | null): void => {
+    this.#reading = false;
+    if (this.registered) {
+      const size = this.#buf.byteLength;
+      if (n === size) this.#nextSize = Math.min(MAX_READ, size * 4);
+      else if (n !== null && n <= size / 16) this.#nextSize = MIN_READ;
+      this.#received = n;
+      this.core.markReady(this);
+    }
+    this.core.fairness.readDone(this); // fairness: last, it may start reads, and must not start ours
+  };
+
+  #onReadError = (error: Error): void => {
+    this.#reading = false;
+    if (this.registered) this.#fail(error);
+    this.core.fairness.readDone(this); // fairness: last, as in #onRead
+  };
+
+  #write(): void {
+    this.#writing = true;
+    (this.resource as Deno.Conn).write(this.#chunks[this.#head]!).then(
+      this.#onWrite,
+      this.#onWriteError,
+    );
+  }
+
+  #onWrite = (n: number): void => {
+    this.core.fairness.writeDone(); // fairness
+    const chunk = this.#chunks[this.#head]!;
+    if (!this.registered) return this.#lend(chunk, -1);
+    this.#queued -= n;
+    if (n < chunk.byteLength) {
+      this.#chunks[this.#head] = chunk.subarray(n); // a partial write: go on with the rest
+    } else {
+      this.#chunks[this.#head++] = undefined;
+      this.#lend(chunk, -1);
+    }
+    if (this.#paused && this.#queued <= this.core.lowWaterMark) {
+      this.#paused = false;
+      this.startNext();
+    }
+    if (this.#head < this.#chunks.length) return this.#write();
+    this.#chunks.length = 0;
+    this.#head = 0;
+    this.#writing = false;
+    if (this.events & WRITE) this.core.markReady(this);
+  };
+
+  #onWriteError = (error: Error): void => {
+    this.#writing = false;
+    if (!this.registered) return this.#lend(this.#chunks[this.#head]!, -1);
+    this.#dropQueue(this.#head); // nothing more can be written
+    this.#fail(error);
+  };
+
+  /** Tells the key whose read buffer `bytes` come from that they are (+1) or no longer (-1) queued. */
+  #lend(bytes: Uint8Array, delta: number): void {
+    if (bytes.buffer === this.#buf.buffer) this.lent(delta); // an echo: our own buffer
+    else lenders.get(bytes.buffer)?.lent(delta);
+  }
+
+  /** Empties the send queue, returning lent buffers from chunk `from` on. */
+  #dropQueue(from: number): void {
+    for (let i = from; i < this.#chunks.length; i++) this.#lend(this.#chunks[i]!, -1);
+    if (from === this.#head) this.#chunks = [];
+    else this.#chunks.length = from; // keep the chunk being written
+    this.#queued = 0;
+  }
+
+  #fail(error: Error): void {
+    this.error ??= error;
+    this.core.markReady(this);
+  }
+}
+
+// ===========================================================================
+// §3 Fairness under saturation (optional)
+// ===========================================================================
+//
+// Why it exists. Deno runs every pending operation of a process in one task of
+// its runtime (tokio), and tokio lets one task complete at most 128 operations
+// per turn (its cooperative budget); the rest are deferred, and deferred wakers
+// run last-in first-out, after fresh I/O. So when a server saturates its core
+// and more than 128 reads are ready at once, the reads whose data arrived last
+// are served first, and a few hundred busy connections can starve the others
+// for seconds although their bytes have arrived. No order of callbacks in JS
+// fixes that (the starving reads are not in JS's hands); starting fewer new
+// reads does.
+//
+// What it does. The reads started while more than 128 are in flight are
+// counted in cohorts, one per millisecond. When a cohort's reads have been
+// pending for STARVING_MS while STARVING_OVERTAKEN other reads completed, new
+// reads are throttled: a key that wants to read is queued instead (dispatch
+// goes on), and one queued key starts its read for every ADMIT_EVERY starving
+// reads served, so the runtime gets less new work than it completes and works
+// off its backlog. The throttle ends when the starving reads are served, when a
+// whole timer interval passes with no read or write completing (the rest are
+// idle peers), or after THROTTLE_MAX_MS. A cohort still pending after a
+// throttle is watched again with twice the patience, so an idle peer costs a
+// few short throttles over its lifetime, not one per millisecond.
+//
+// To remove it: delete this section and every line marked `// fairness`.
+
+/** A read pending this long, overtaken by this many others, is starving. */
+const STARVING_MS = 20;
+const STARVING_OVERTAKEN = 128;
+/** The longest a throttle lasts. */
+const THROTTLE_MAX_MS = 50;
+/** While throttling, one queued read starts per ADMIT_EVERY starving reads served. */
+const ADMIT_EVERY = 2;
+/** Patience levels: a cohort that outlasts throttles is watched with STARVING_MS << 1, 2, ... 12. */
+const PATIENCE_LEVELS = 13;
 
 /** Reads started in the same millisecond, watched together for starvation. */
 class Cohort {
-  /** performance.now() when its first read started. */
+  /** performance.now() when its first read started: the cohort's age. */
   readonly started: number;
-  /** How many of its reads are still pending. */
+  /** How many of its reads are still pending: it is done at 0. */
   pending = 0;
   /** performance.now() from which a read still pending is starving, if others overtook it. */
   due: number;
-  /** How many reads had completed (anywhere) when it was last watched. */
+  /** Reads completed (anywhere) when it was last watched: how many overtook it since. */
   completed: number;
-  /** How many holds it has outlasted: it is watched with patience STARVING_MS << patience. */
+  /** Throttles it has outlasted: it is watched with patience STARVING_MS << patience. */
   patience = 0;
-  /** True while a hold waits for its pending reads. */
+  /** True while a throttle waits for its pending reads. */
   owed = false;
 
   constructor(started: number, completed: number) {
@@ -184,9 +908,11 @@ class Cohort {
   }
 }
 
-/** Cohorts with pending reads, in the order they are due (one list per patience). */
+/** Cohorts with pending reads, in the order they are due (one list per patience level). */
 class Watchlist {
+  /** The cohorts, oldest first; those before #head are done or taken. */
   #cohorts: Cohort[] = [];
+  /** Index of the first cohort that may still be pending. */
   #head = 0;
 
   add(cohort: Cohort): void {
@@ -218,83 +944,52 @@ class Watchlist {
 }
 
 /**
- * The machinery every key of a selector shares: the ready list, the wake-up of
- * the waiting select(), and fairness between connections.
- *
- * Fairness: when a server saturates its core, Deno (tokio under it) serves the
- * reads whose data arrived last before those it had to postpone, so a few hundred
- * busy connections can starve the others for seconds although their bytes have
- * arrived. No order of callbacks in JS fixes that; holding new reads does. So the
- * scheduler watches the reads it starts, and when one has been pending for
- * STARVING_MS while STARVING_OVERTAKEN others completed, it holds new reads
- * (dispatch goes on) until the runtime has worked through the pending ones.
- * During a hold, one held read starts per ADMIT_EVERY starving reads served:
- * the runtime then gets less new work than it completes, so the backlog drains
- * while the pipeline stays busy.
+ * Fairness between connections when the process saturates its CPU: admits or
+ * throttles new reads (see the comment that opens §3). The core calls it when a
+ * read is about to start, when a read or a write completes, after each select(),
+ * and when the selector closes.
  */
-class Scheduler {
-  readonly highWaterMark: number;
-  readonly lowWaterMark: number;
-  /** performance.now() when select() last returned: the start time of reads begun since. */
-  now = 0;
-  #ready: Key[] = []; // keys that may be ready, each once
-  #spare: Key[] = []; // the previous ready array, reused
-  #held: Key[] = []; // keys reported (or recv()'d) since the last select()
-  #wake: (() => void) | undefined = undefined; // resolves the waiting select()
-  // Watched cohorts of reads by patience: STARVING_MS << n.
+class Fairness {
+  /** performance.now() of the last check(): the start time of the reads begun since. */
+  #now = 0;
+  /** performance.now() of the next check: once a millisecond is fine enough, and cheap. */
+  #nextCheck = 0;
+  /** Reads started and not completed: below STARVING_OVERTAKEN none can starve. */
+  #inFlight = 0;
+  /** Reads completed so far: how far others overtook a cohort. */
+  #completed = 0;
+  /** Writes completed so far: with reads, the progress that keeps a throttle going. */
+  #writes = 0;
+  /** The cohorts of reads being watched, by patience level. */
   #watchlists = Array.from({ length: PATIENCE_LEVELS }, () => new Watchlist());
-  #cohort: Cohort | undefined = undefined; // the cohort reads started now join
-  #completed = 0; // reads completed so far
-  #inFlight = 0; // reads started and not completed
-  #writes = 0; // writes completed so far
-  // While holding:
-  #deferred: ConnKey[] | undefined = undefined; // keys waiting to read
-  #deferredHead = 0; // #deferred[#deferredHead...] have not started their read
-  #allowance = 0; // held keys that may read now
-  #owed: Cohort[] = []; // the starving reads the hold waits for
-  #owing = 0; // how many of them are still pending
-  #holdDeadline = 0; // performance.now() at which the hold ends anyway
-  #holdSeen = -1; // reads and writes completed at the previous timer tick
-  #holdTimer: ReturnType<typeof setTimeout> | undefined = undefined;
-  #nextCheck = 0; // performance.now() of the next fairness check
+  /** The cohort that reads started now join. */
+  #cohort: Cohort | undefined = undefined;
+  // While throttling (#queued is set):
+  /** Keys waiting to start a read; those from #queuedHead on have not started yet. */
+  #queued: ConnKey[] | undefined = undefined;
+  #queuedHead = 0;
+  /** Queued keys that may start their read now. */
+  #allowance = 0;
+  /** The starving cohorts the throttle waits for, and how many of their reads are pending. */
+  #owed: Cohort[] = [];
+  #owing = 0;
+  /** performance.now() at which the throttle ends anyway. */
+  #deadline = 0;
+  /** Reads and writes completed at the previous timer tick: no progress means a stall. */
+  #seen = -1;
+  /** The timer that checks a throttle for a stall. */
+  #timer: ReturnType<typeof setTimeout> | undefined = undefined;
 
-  constructor(highWaterMark: number, lowWaterMark: number) {
-    this.highWaterMark = highWaterMark;
-    this.lowWaterMark = lowWaterMark;
-  }
-
-  get readyCount(): number {
-    return this.#ready.length;
-  }
-
-  /** Lists a key that may be ready, and wakes select(); returns whether it was added. */
-  list(key: Key): boolean {
-    if (key.listed || !key.registered || !(key.readiness & key.events)) return false;
-    key.listed = true;
-    this.#ready.push(key);
-    this.wakeUp();
-    return true;
-  }
-
-  /** Keeps a key's read buffer untouched until the next select(). */
-  hold(key: Key): void {
-    key.held = true;
-    this.#held.push(key);
-  }
-
-  /** Releases the keys held since the last select(); returns how many are still ready. */
-  release(): number {
-    let relisted = 0;
-    for (const key of this.#held) if (key.release()) relisted++;
-    this.#held.length = 0;
-    return relisted;
-  }
-
-  /** Says whether a key may start a read now; if not, it reads later in the hold or after it. */
-  mayRead(key: ConnKey): boolean {
-    if (this.#deferred) {
+  /**
+   * Admits a read about to start, counting it; while throttling, queues the key
+   * instead (it reads later in the throttle or after it).
+   *
+   * @returns Whether the read may start now.
+   */
+  admitRead(key: ConnKey): boolean {
+    if (this.#queued) {
       if (this.#allowance === 0) {
-        this.#deferred.push(key);
+        this.#queued.push(key);
         return false;
       }
       this.#allowance--;
@@ -303,8 +998,8 @@ class Scheduler {
     // with fewer in flight none can starve, and watching them would only cost time.
     if (++this.#inFlight > STARVING_OVERTAKEN) {
       let cohort = this.#cohort;
-      if (!cohort || this.now - cohort.started >= 1) {
-        this.#cohort = cohort = new Cohort(this.now, this.#completed);
+      if (!cohort || this.#now - cohort.started >= 1) {
+        this.#cohort = cohort = new Cohort(this.#now, this.#completed);
         this.#watchlists[0].add(cohort);
       }
       cohort.pending++;
@@ -322,30 +1017,22 @@ class Scheduler {
     key.cohort = undefined;
     cohort.pending--;
     if (cohort.owed) {
-      // All served: end the hold now, not at the next timer tick (the CPU could idle till then).
-      if (--this.#owing === 0) queueMicrotask(this.#endHold);
+      // All served: end the throttle now, not at the next timer tick (the CPU could idle till then).
+      if (--this.#owing === 0) queueMicrotask(this.#endThrottle);
       else if (this.#owing % ADMIT_EVERY === 0) this.#admitOne();
     }
   }
 
-  /** Counts a write that completed: a read may wait for its peer, which waits for it. */
+  /** Counts a write that completed: a read may wait for its peer, which waits for that write. */
   writeDone(): void {
     this.#writes++;
   }
 
-  /**
-   * If reads are starving, holds new reads (dispatch goes on, and some held reads
-   * start, see #admitOne) until the runtime has served them: until they complete,
-   * a whole timer interval passes with no read or write completing (the rest are
-   * idle peers), or HOLD_MAX_MS.
-   *
-   * A read still pending after a hold is watched again with twice the patience,
-   * so an idle peer costs a few short holds over its lifetime, not one per tick.
-   */
-  checkFairness(): void {
-    const { now } = this;
-    if (this.#deferred || now < this.#nextCheck) return;
-    this.#nextCheck = now + 1; // a millisecond is fine enough, and keeps this off the hot path
+  /** After each select(): starts throttling if reads are starving. */
+  check(now: number): void {
+    this.#now = now;
+    if (this.#queued || now < this.#nextCheck) return;
+    this.#nextCheck = now + 1;
     const completed = this.#completed;
     const starving = this.#watchlists.some((list) => {
       const first = list.first();
@@ -362,41 +1049,46 @@ class Scheduler {
     }
     this.#owed = owed;
     this.#owing = owing;
-    this.#deferred = [];
-    this.#deferredHead = 0;
-    this.#holdDeadline = now + HOLD_MAX_MS;
-    this.#holdSeen = -1;
-    this.#holdTimer = setTimeout(this.#holdTick, 0);
+    this.#queued = [];
+    this.#queuedHead = 0;
+    this.#deadline = now + THROTTLE_MAX_MS;
+    this.#seen = -1;
+    this.#timer = setTimeout(this.#tick, 0);
+  }
+
+  /** Ends a throttle at once: the selector is closing (its keys, unregistered, start no reads). */
+  stop(): void {
+    this.#endThrottle();
   }
 
   /**
-   * A timer tick during a hold. Deno runs timers before it delivers the tick's
-   * I/O, so a stall (no progress) is judged over a whole timer interval.
+   * A timer tick while throttling. Deno runs timers before it delivers the
+   * tick's I/O, so a stall (no progress) is judged over a whole timer interval.
    */
-  #holdTick = (): void => {
+  #tick = (): void => {
     const progress = this.#completed + this.#writes;
-    if (progress === this.#holdSeen || performance.now() >= this.#holdDeadline) {
-      return this.#endHold();
+    if (progress === this.#seen || performance.now() >= this.#deadline) {
+      return this.#endThrottle();
     }
-    this.#holdSeen = progress;
-    this.#holdTimer = setTimeout(this.#holdTick, 0);
+    this.#seen = progress;
+    this.#timer = setTimeout(this.#tick, 0);
   };
 
-  /** During a hold: lets the next held key read (or the next key that asks). */
+  /** While throttling: lets the next queued key read (or the next key that asks). */
   #admitOne(): void {
-    const deferred = this.#deferred!;
+    const queued = this.#queued!;
     this.#allowance++;
-    while (this.#allowance > 0 && this.#deferredHead < deferred.length) {
-      deferred[this.#deferredHead++].startInbound();
+    while (this.#allowance > 0 && this.#queuedHead < queued.length) {
+      queued[this.#queuedHead++].startNext();
     }
   }
 
-  /** Ends a hold: watches the reads still owed with more patience, starts the held ones. */
-  #endHold = (): void => {
-    const deferred = this.#deferred;
-    if (!deferred) return;
-    clearTimeout(this.#holdTimer);
-    this.#holdTimer = undefined;
+  /** Ends a throttle: watches the cohorts still owed with more patience, starts the queued reads. */
+  #endThrottle = (): void => {
+    const queued = this.#queued;
+    if (!queued) return;
+    clearTimeout(this.#timer);
+    this.#timer = undefined;
     const watchlists = this.#watchlists;
     const later = performance.now();
     for (const cohort of this.#owed) {
@@ -409,568 +1101,8 @@ class Scheduler {
     }
     this.#owed = [];
     this.#owing = 0;
-    this.#deferred = undefined;
+    this.#queued = undefined;
     this.#allowance = 0;
-    for (let i = this.#deferredHead; i < deferred.length; i++) deferred[i].startInbound();
+    for (let i = this.#queuedHead; i < queued.length; i++) queued[i].startNext();
   };
-
-  /** Ends a hold at once: the selector is closing (its keys, unregistered, start no reads). */
-  stop(): void {
-    this.#endHold();
-  }
-
-  /** Waits until a key is listed or the timeout passes (`undefined`: no timeout). */
-  wait(timeout: number | undefined): Promise<void> {
-    if (timeout === undefined) return new Promise<void>(this.#waitForever);
-    return new Promise<void>((resolve) => {
-      const timer = setTimeout(() => {
-        this.#wake = undefined;
-        resolve();
-      }, timeout);
-      this.#wake = () => {
-        clearTimeout(timer);
-        resolve();
-      };
-    });
-  }
-
-  #waitForever = (resolve: () => void): void => {
-    this.#wake = resolve;
-  };
-
-  wakeUp(): void {
-    const wake = this.#wake;
-    this.#wake = undefined;
-    wake?.();
-  }
-
-  /** Takes the listed keys that are ready: fills `events`, holds each key reported. */
-  collect(events: ReadyEvent[]): ReadyEvent[] {
-    this.now = performance.now();
-    const ready = this.#ready;
-    this.#ready = this.#spare;
-    this.#spare = ready;
-    events.length = 0;
-    for (let i = 0; i < ready.length; i++) {
-      const key = ready[i];
-      key.listed = false;
-      const mask = key.readiness & key.events;
-      if (!key.registered || mask === 0) continue;
-      key.event[1] = mask;
-      events.push(key.event);
-      if (!key.held) this.hold(key);
-    }
-    ready.length = 0;
-    return events;
-  }
-}
-
-// Keys of any data type live in one map; the public type is SelectorKey<T>.
-// deno-lint-ignore no-explicit-any
-type AnyData = any;
-
-/** What listener and connection keys share; the implementation of SelectorKey. */
-abstract class Key implements SelectorKey<AnyData> {
-  readonly resource: Resource;
-  events: number;
-  callback: Callback<AnyData>;
-  data: AnyData;
-  error: Error | undefined = undefined;
-  /** The `[key, mask]` pair select() reports for this key, reused. */
-  readonly event: ReadyEvent;
-  /** True while in the ready list (never listed twice). */
-  listed = false;
-  /** False once unregistered: late completions are then dropped. */
-  registered = true;
-  /** True from the select() that reported the key, or from recv(), to the next select(). */
-  held = false;
-  protected readonly scheduler: Scheduler;
-
-  constructor(
-    resource: Resource,
-    events: number,
-    callback: Callback<AnyData>,
-    data: AnyData,
-    scheduler: Scheduler,
-  ) {
-    this.resource = resource;
-    this.events = events;
-    this.callback = callback;
-    this.data = data;
-    this.scheduler = scheduler;
-    this.event = [this, 0];
-  }
-
-  /** The events the key is ready for, whatever its interest. */
-  abstract get readiness(): number;
-  /** Starts the next accept or read if the key wants one and nothing holds it back. */
-  abstract startInbound(): void;
-  /** Drops everything pending; late completions are ignored from now on. */
-  abstract cancel(): void;
-
-  get queued(): number {
-    return 0;
-  }
-
-  accept(): Deno.Conn {
-    throw new TypeError("accept() needs a listener's key");
-  }
-
-  recv(): Uint8Array | null {
-    throw new TypeError("recv() needs a connection's key");
-  }
-
-  send(_bytes: Uint8Array): void {
-    throw new TypeError("send() needs a connection's key");
-  }
-
-  /**
-   * Called by the next select(): the bytes recv() handed out may be reused now. A
-   * key still ready (its callback did not take the result) is listed again, as a
-   * level-triggered selector reports it again.
-   *
-   * @returns Whether the key was listed again.
-   */
-  release(): boolean {
-    this.held = false;
-    if (!this.registered) return false;
-    this.startInbound();
-    return this.scheduler.list(this);
-  }
-}
-
-/** A listener's key: keeps one accept in flight, and backs off while out of descriptors. */
-class ListenerKey extends Key {
-  #inFlight = false;
-  #accepted: Deno.Conn | null = null;
-  #gone = false; // the listener was closed: accept no more
-  #backoffMs = 0;
-  #retryAt = 0; // performance.now() before which no accept is tried
-  #retryTimer: ReturnType<typeof setTimeout> | undefined = undefined;
-
-  get readiness(): number {
-    return this.error || this.#accepted ? READ : 0;
-  }
-
-  override accept(): Deno.Conn {
-    const conn = this.#accepted;
-    this.#accepted = null;
-    if (conn) return conn;
-    const error = this.error;
-    if (!this.#gone) this.error = undefined; // accept errors pass; the next accept may work
-    throw error ?? new Deno.errors.WouldBlock("accept() before the key was ready");
-  }
-
-  startInbound(): void {
-    if (
-      this.#inFlight || !this.registered || !(this.events & READ) || this.error ||
-      this.#accepted || this.#retryTimer
-    ) return;
-    const wait = this.#retryAt && this.#retryAt - performance.now();
-    if (wait > 0) {
-      this.#retryTimer = setTimeout(this.#retry, wait);
-      return;
-    }
-    this.#inFlight = true;
-    (this.resource as Deno.Listener).accept().then(this.#onAccept, this.#onAcceptError);
-  }
-
-  cancel(): void {
-    this.registered = false;
-    clearTimeout(this.#retryTimer);
-    this.#retryTimer = undefined;
-    this.#accepted?.close(); // accepted by us, never handed out
-    this.#accepted = null;
-  }
-
-  #onAccept = (conn: Deno.Conn): void => {
-    this.#inFlight = false;
-    this.#backoffMs = 0;
-    this.#retryAt = 0;
-    if (!this.registered) return conn.close();
-    this.#accepted = conn;
-    this.scheduler.list(this);
-  };
-
-  #onAcceptError = (error: Error): void => {
-    this.#inFlight = false;
-    if (!this.registered) return;
-    if (peerLeft(error)) return this.startInbound(); // nothing to report: accept the next one
-    if (resourceGone(error)) this.#gone = true;
-    else {
-      // Out of descriptors, or similar: retrying at once would spin the CPU.
-      this.#backoffMs = Math.min(MAX_BACKOFF_MS, Math.max(MIN_BACKOFF_MS, this.#backoffMs * 2));
-      this.#retryAt = performance.now() + this.#backoffMs;
-    }
-    this.error = error;
-    this.scheduler.list(this);
-  };
-
-  #retry = (): void => {
-    this.#retryTimer = undefined;
-    this.#retryAt = 0;
-    this.startInbound();
-  };
-}
-
-/** A connection's key: keeps one read in flight, and writes what send() queues. */
-class ConnKey extends Key {
-  /** The cohort its pending read is watched in, if it is (see Scheduler). */
-  cohort: Cohort | undefined = undefined;
-  // Inbound: one read in flight at a time.
-  #reading = false;
-  #received: number | null | undefined = undefined; // bytes in #buf, null at EOF
-  #lent = 0; // chunks of #buf queued by send() on some key
-  #buf: Uint8Array = new Uint8Array(0);
-  #nextSize = MIN_READ;
-  // Outbound.
-  #chunks: (Uint8Array | undefined)[] = [];
-  #head = 0;
-  #queued = 0;
-  #writing = false;
-  #paused = false; // above the high-water mark until back at the low-water mark
-
-  override get queued(): number {
-    return this.#queued;
-  }
-
-  get readiness(): number {
-    if (this.error) return READ | WRITE;
-    return (this.#received !== undefined ? READ : 0) | (this.#queued === 0 ? WRITE : 0);
-  }
-
-  override recv(): Uint8Array | null {
-    if (this.error) throw this.error;
-    const n = this.#received;
-    if (n === undefined) throw new Deno.errors.WouldBlock("recv() before the key was ready");
-    if (n === null) return null; // EOF stays readable, as on a socket
-    this.#received = undefined;
-    if (!this.held) this.scheduler.hold(this); // the bytes are the caller's until select()
-    return this.#buf.subarray(0, n);
-  }
-
-  override send(bytes: Uint8Array): void {
-    if (this.error) throw this.error;
-    if (!this.registered) throw new Deno.errors.BadResource("send() on an unregistered key");
-    if (bytes.byteLength === 0) return;
-    this.#lend(bytes, 1);
-    this.#chunks.push(bytes);
-    this.#queued += bytes.byteLength;
-    if (this.#queued > this.scheduler.highWaterMark) this.#paused = true;
-    if (!this.#writing) this.#write();
-  }
-
-  /** Counts chunks of this key's read buffer waiting in some send queue. */
-  lent(delta: number): void {
-    this.#lent += delta;
-    if (this.#lent === 0) this.startInbound();
-  }
-
-  startInbound(): void {
-    if (
-      this.#reading || !this.registered || !(this.events & READ) || this.error ||
-      this.#received !== undefined || this.held || this.#lent > 0 || this.#paused ||
-      !this.scheduler.mayRead(this)
-    ) return;
-    if (this.#buf.byteLength !== this.#nextSize) {
-      this.#buf = new Uint8Array(this.#nextSize);
-      lenders.set(this.#buf.buffer, this);
-    }
-    this.#reading = true;
-    (this.resource as Deno.Conn).read(this.#buf).then(this.#onRead, this.#onReadError);
-  }
-
-  cancel(): void {
-    this.registered = false;
-    // A chunk being written stays lent until its write completes.
-    this.#dropQueue(this.#writing ? this.#head + 1 : this.#head);
-  }
-
-  #onRead = (n: number | null): void => {
-    this.#reading = false;
-    if (this.registered) {
-      const size = this.#buf.byteLength;
-      if (n === size) this.#nextSize = Math.min(MAX_READ, size * 4);
-      else if (n !== null && n <= size / 16) this.#nextSize = MIN_READ;
-      this.#received = n;
-      this.scheduler.list(this);
-    }
-    this.scheduler.readDone(this); // last: it may start reads, and must not start ours
-  };
-
-  #onReadError = (error: Error): void => {
-    this.#reading = false;
-    if (this.registered) this.#fail(error);
-    this.scheduler.readDone(this); // last, as in #onRead
-  };
-
-  #write(): void {
-    this.#writing = true;
-    (this.resource as Deno.Conn).write(this.#chunks[this.#head]!).then(
-      this.#onWrite,
-      this.#onWriteError,
-    );
-  }
-
-  #onWrite = (n: number): void => {
-    this.scheduler.writeDone();
-    const chunk = this.#chunks[this.#head]!;
-    if (!this.registered) return this.#lend(chunk, -1);
-    this.#queued -= n;
-    if (n < chunk.byteLength) {
-      this.#chunks[this.#head] = chunk.subarray(n); // a partial write: go on with the rest
-    } else {
-      this.#chunks[this.#head++] = undefined;
-      this.#lend(chunk, -1);
-    }
-    if (this.#paused && this.#queued <= this.scheduler.lowWaterMark) {
-      this.#paused = false;
-      this.startInbound();
-    }
-    if (this.#head < this.#chunks.length) return this.#write();
-    this.#chunks.length = 0;
-    this.#head = 0;
-    this.#writing = false;
-    if (this.events & WRITE) this.scheduler.list(this);
-  };
-
-  #onWriteError = (error: Error): void => {
-    this.#writing = false;
-    if (!this.registered) return this.#lend(this.#chunks[this.#head]!, -1);
-    this.#dropQueue(this.#head); // nothing more can be written
-    this.#fail(error);
-  };
-
-  /** Tells the key whose read buffer `bytes` come from that they are (+1) or no longer (-1) queued. */
-  #lend(bytes: Uint8Array, delta: number): void {
-    if (bytes.buffer === this.#buf.buffer) this.lent(delta); // an echo: our own buffer
-    else lenders.get(bytes.buffer)?.lent(delta);
-  }
-
-  /** Empties the send queue, returning lent buffers from chunk `from` on. */
-  #dropQueue(from: number): void {
-    for (let i = from; i < this.#chunks.length; i++) this.#lend(this.#chunks[i]!, -1);
-    if (from === this.#head) this.#chunks = [];
-    else this.#chunks.length = from; // keep the chunk being written
-    this.#queued = 0;
-  }
-
-  #fail(error: Error): void {
-    this.error ??= error;
-    this.scheduler.list(this);
-  }
-}
-
-/**
- * Waits for registered resources to become ready and dispatches their callbacks.
- *
- * Work per event is O(1) however many keys are registered: a completion lists
- * its key and wakes the one waiting `select()`.
- */
-export class Selector {
-  /** Queued bytes above which a connection stops reading. */
-  readonly highWaterMark: number;
-  /** Queued bytes at or below which it reads again. */
-  readonly lowWaterMark: number;
-  readonly #keys = new Map<Resource, Key>();
-  readonly #scheduler: Scheduler;
-  readonly #events: ReadyEvent[] = [];
-  #selecting = false;
-  #closed = false;
-
-  /**
-   * Creates a selector.
-   *
-   * @param options Backpressure thresholds for `send()`.
-   */
-  constructor(options: SelectorOptions = {}) {
-    const { highWaterMark = 64 * 1024, lowWaterMark = 16 * 1024 } = options;
-    if (!(lowWaterMark >= 0 && highWaterMark >= lowWaterMark)) {
-      throw new RangeError(
-        `Water marks must satisfy 0 <= low <= high: got low ${lowWaterMark}, high ${highWaterMark}`,
-      );
-    }
-    this.highWaterMark = highWaterMark;
-    this.lowWaterMark = lowWaterMark;
-    this.#scheduler = new Scheduler(highWaterMark, lowWaterMark);
-  }
-
-  /** How many resources are registered. */
-  get size(): number {
-    return this.#keys.size;
-  }
-
-  /**
-   * Starts watching a resource. With READ interest the dispatcher starts an
-   * accept (listener) or a read (connection) right away.
-   *
-   * @param resource A listener or a connection.
-   * @param events {@linkcode READ}, {@linkcode WRITE} (connections), both, or 0.
-   * @param callback What {@linkcode Selector.run} calls when the key is ready.
-   * @param data Anything to attach to the key.
-   * @returns The new key.
-   * @throws {Error} If the resource is already registered or the selector is closed.
-   */
-  register<T = undefined>(
-    resource: Resource,
-    events: number,
-    callback: Callback<T>,
-    data?: T,
-  ): SelectorKey<T> {
-    if (this.#closed) throw new Error("Cannot register: the selector is closed");
-    if (this.#keys.has(resource)) {
-      throw new Error("Cannot register: the resource is already registered");
-    }
-    const interest = checkEvents(resource, events);
-    const key = "read" in resource
-      ? new ConnKey(resource, interest, callback, data, this.#scheduler)
-      : new ListenerKey(resource, interest, callback, data, this.#scheduler);
-    this.#keys.set(resource, key);
-    key.startInbound();
-    this.#scheduler.list(key);
-    return key;
-  }
-
-  /**
-   * Changes a registered resource's interest, and its callback or data if given.
-   * Interest 0 pauses it: nothing is reported and no new read or accept starts.
-   *
-   * @param resource A registered resource.
-   * @param events The new interest.
-   * @param callback The new callback; the old one is kept if omitted.
-   * @param data The new data; the old data is kept if omitted.
-   * @returns The key.
-   * @throws {Error} If the resource is not registered.
-   */
-  modify<T = undefined>(
-    resource: Resource,
-    events: number,
-    callback?: Callback<T>,
-    data?: T,
-  ): SelectorKey<T> {
-    const key = this.#keyOf(resource);
-    key.events = checkEvents(resource, events);
-    if (callback) key.callback = callback;
-    if (data !== undefined) key.data = data;
-    key.startInbound();
-    this.#scheduler.list(key);
-    return key;
-  }
-
-  /**
-   * Stops watching a resource and drops what is pending for it: an accepted
-   * connection not yet taken, received bytes, bytes queued by `send()`. The
-   * resource stays open: close it, which also ends the read or accept Deno
-   * still has in flight for it.
-   *
-   * @param resource A registered resource.
-   * @returns The key it had.
-   * @throws {Error} If the resource is not registered.
-   */
-  unregister(resource: Resource): SelectorKey {
-    const key = this.#keyOf(resource);
-    this.#keys.delete(resource);
-    key.cancel();
-    if (this.#keys.size === 0) this.#scheduler.wakeUp(); // nothing left to wait for
-    return key;
-  }
-
-  /**
-   * The key of a registered resource.
-   *
-   * @param resource Any resource.
-   * @returns Its key, or `undefined` if it is not registered.
-   */
-  getKey(resource: Resource): SelectorKey | undefined {
-    return this.#keys.get(resource);
-  }
-
-  /**
-   * Waits until at least one registered resource is ready, or the timeout passes.
-   * A key stays ready until its callback takes the result (level-triggered).
-   *
-   * @param timeout Milliseconds to wait at most; 0 polls; omit to wait until
-   *   something is ready (an empty selector returns at once).
-   * @returns `[key, mask]` pairs, mask being the ready events of interest. The
-   *   array and the pairs are reused by the next call.
-   */
-  async select(timeout?: number): Promise<ReadyEvent[]> {
-    this.#enter();
-    try {
-      const waiting = this.#prepare(timeout);
-      if (waiting) await waiting;
-      return this.#scheduler.collect(this.#events);
-    } finally {
-      this.#selecting = false;
-    }
-  }
-
-  /**
-   * The loop: select, then call each ready key's callback with its mask, until
-   * the selector is closed or no resource is left.
-   *
-   * @returns A promise that settles when the loop ends; it rejects if a callback throws.
-   */
-  async run(): Promise<void> {
-    this.#enter();
-    try {
-      const events = this.#events;
-      while (!this.#closed && this.#keys.size > 0) {
-        const waiting = this.#prepare(undefined); // select(), without a promise of its own
-        if (waiting) await waiting;
-        this.#scheduler.collect(events);
-        for (let i = 0; i < events.length; i++) {
-          const key = events[i][0] as Key;
-          if (key.registered) key.callback(key, events[i][1]);
-        }
-      }
-    } finally {
-      this.#selecting = false;
-    }
-  }
-
-  /**
-   * Unregisters and closes every resource (closing is the only way to end the
-   * reads and accepts Deno has in flight), and ends `run()`.
-   */
-  close(): void {
-    if (this.#closed) return;
-    this.#closed = true;
-    for (const [resource, key] of this.#keys) {
-      key.cancel();
-      try {
-        resource.close();
-      } catch {
-        // already closed by its owner
-      }
-    }
-    this.#keys.clear();
-    this.#scheduler.stop();
-    this.#scheduler.wakeUp();
-  }
-
-  #enter(): void {
-    if (this.#selecting) throw new Error("Cannot select: another select() is waiting");
-    this.#selecting = true;
-  }
-
-  /** What select() does before it collects: returns what to wait for, if anything. */
-  #prepare(timeout: number | undefined): Promise<unknown> | undefined {
-    const scheduler = this.#scheduler;
-    const relisted = scheduler.release();
-    if (relisted > 0 && relisted === scheduler.readyCount) {
-      // Only old events: let Deno poll I/O first, or this loop would starve it.
-      return new Promise((resolve) => setTimeout(resolve, 0));
-    }
-    scheduler.checkFairness();
-    if (scheduler.readyCount === 0 && !this.#closed && this.#keys.size > 0 && timeout !== 0) {
-      return scheduler.wait(timeout);
-    }
-  }
-
-  #keyOf(resource: Resource): Key {
-    const key = this.#keys.get(resource);
-    if (!key) throw new Error("The resource is not registered");
-    return key;
-  }
 }
