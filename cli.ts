@@ -1,6 +1,7 @@
 /**
- * Command-line flags for main.ts and client.ts: `--name value`, `--name=value`
- * and boolean `--name`, checked against a table, with one-line errors.
+ * What the scripts' command lines share: flags (`--name value`, `--name=value`
+ * and boolean `--name`) checked against a table with one-line errors, options
+ * with defaults, and the message for a server that is not running.
  *
  * @module
  */
@@ -15,8 +16,18 @@ export interface FlagSpec {
   max?: number;
 }
 
-/** Parsed flags: the values given, by flag name without dashes. */
-export type Flags = Record<string, string | number | boolean | undefined>;
+/** A table of flags: how each is read, by name without dashes. */
+export type FlagSpecs = Record<string, FlagSpec>;
+
+/** The value a flag of this spec gives: text, a number, or true. */
+export type FlagValue<S extends FlagSpec> = S["type"] extends "boolean" ? boolean
+  : S["type"] extends "text" ? string
+  : number;
+
+/** Parsed flags, typed from their table: the values given, by name; those not given are absent. */
+export type Flags<Specs extends FlagSpecs = FlagSpecs> = {
+  -readonly [Name in keyof Specs]?: FlagValue<Specs[Name]>;
+};
 
 /** A mistake on the command line: the message is the one line to show the user. */
 export class UsageError extends Error {
@@ -43,11 +54,11 @@ export class UsageError extends Error {
  * @returns The flags given; those not given are absent.
  * @throws {UsageError} On an unknown flag, a missing value or a bad value.
  */
-export function parseFlags(
+export function parseFlags<const Specs extends FlagSpecs>(
   args: string[],
-  specs: Record<string, FlagSpec>,
-): Flags {
-  const flags: Flags = {};
+  specs: Specs,
+): Flags<Specs> {
+  const flags: Record<string, string | number | boolean> = {};
   for (let i = 0; i < args.length; i++) {
     const arg = args[i];
     const match = /^--([a-z][a-z-]*)(?:=(.*))?$/s.exec(arg);
@@ -72,7 +83,7 @@ export function parseFlags(
     }
     flags[name] = spec.type === "text" ? value : toNumber(name, value, spec);
   }
-  return flags;
+  return flags as Flags<Specs>; // each value was read as its spec says
 }
 
 function toNumber(name: string, text: string, spec: FlagSpec): number {
@@ -120,11 +131,11 @@ export interface CommandText {
  * @param toOptions Turns the flags into options; may throw a UsageError.
  * @returns The options, or the exit code to leave with: 0 after the help, 2 after a mistake.
  */
-export function parseCommandLine<T>(
+export function parseCommandLine<const Specs extends FlagSpecs, T>(
   args: string[],
-  specs: Record<string, FlagSpec>,
+  specs: Specs,
   text: CommandText,
-  toOptions: (flags: Flags) => T,
+  toOptions: (flags: Flags<Specs>) => T,
 ): { options: T } | { exit: number } {
   try {
     const flags = parseFlags(args, { ...specs, help: { type: "boolean" } });
@@ -132,10 +143,48 @@ export function parseCommandLine<T>(
       console.log(text.help);
       return { exit: 0 };
     }
-    return { options: toOptions(flags) };
+    return { options: toOptions(flags as Flags<Specs>) };
   } catch (error) {
     if (!(error instanceof UsageError)) throw error;
     console.error(`${text.name}: ${error.message}\n${text.usage}`);
     return { exit: 2 };
   }
+}
+
+/**
+ * Options with defaults: every option absent or `undefined` takes its default.
+ *
+ * @example Usage
+ * ```ts
+ * import { withDefaults } from "./cli.ts";
+ * import { assertEquals } from "@std/assert";
+ *
+ * const defaults = { host: "127.0.0.1", port: 8888 };
+ * assertEquals(withDefaults({ port: undefined }, defaults), defaults);
+ * assertEquals(withDefaults({ port: 0 }, defaults), { host: "127.0.0.1", port: 0 });
+ * ```
+ *
+ * @param options The options given.
+ * @param defaults A value for every option.
+ * @returns A new object: the defaults, overridden by the options given.
+ */
+export function withDefaults<T extends object>(options: Partial<T>, defaults: T): T {
+  const result = { ...defaults };
+  for (const name in options) {
+    const value = options[name];
+    if (value !== undefined) result[name] = value as T[typeof name];
+  }
+  return result;
+}
+
+/**
+ * What to tell a user whose connections were refused.
+ *
+ * @param hostname The server's address.
+ * @param port The server's port.
+ * @returns One line: nothing listens there, and how to start the server.
+ */
+export function refusedMessage(hostname: string, port: number): string {
+  const portFlag = port === 8888 ? "" : ` --port ${port}`; // main.ts's default port
+  return `client.ts: connection refused by ${hostname}:${port}: is the server running? Start it with: deno task start${portFlag}`;
 }

@@ -11,7 +11,7 @@
  */
 
 import { READ, Selector, type SelectorKey, WRITE } from "./loop.ts";
-import { type Flags, parseCommandLine, UsageError } from "./cli.ts";
+import { type Flags, parseCommandLine, UsageError, withDefaults } from "./cli.ts";
 
 /** How much the server prints. */
 export type LogLevel = "quiet" | "info" | "verbose";
@@ -70,7 +70,39 @@ interface Connection {
   lastRead: number;
 }
 
-type ConnKey = SelectorKey<Connection>;
+/** A connection's key in the selector, with the server's data attached. */
+type ClientKey = SelectorKey<Connection>;
+
+/** The peer's address of a connection's key, for log lines. */
+function peerOf(key: ClientKey): string {
+  return formatAddr((key.resource as Deno.Conn).remoteAddr);
+}
+
+/** `host:port`, with brackets for IPv6. */
+function formatAddr(addr: Deno.Addr): string {
+  if (addr.transport !== "tcp") return addr.transport;
+  const host = addr.hostname.includes(":") ? `[${addr.hostname}]` : addr.hostname;
+  return `${host}:${addr.port}`;
+}
+
+/** An error as a short phrase: its Deno class name, or its message. */
+function describe(error: unknown): string {
+  if (error instanceof Error) {
+    const known = error.name !== "Error" ? `${error.name}: ` : "";
+    return `${known}${error.message}`;
+  }
+  return String(error);
+}
+
+/** What {@linkcode serve} does when an option is not given; main.ts's flags share them. */
+const DEFAULTS: Required<ServeOptions> = {
+  hostname: "127.0.0.1",
+  port: 8888,
+  maxConns: 10_000,
+  idleTimeout: 0,
+  gracePeriod: 5000,
+  logLevel: "info",
+};
 
 /**
  * Starts an echo server.
@@ -94,20 +126,16 @@ type ConnKey = SelectorKey<Connection>;
  * @throws What `Deno.listen` throws: `Deno.errors.AddrInUse`, `NotCapable`...
  */
 export function serve(options: ServeOptions = {}): Server {
-  const {
-    hostname = "127.0.0.1",
-    port = 8888,
-    maxConns = 10_000,
-    idleTimeout = 0,
-    gracePeriod = 5000,
-    logLevel = "info",
-  } = options;
+  const { hostname, port, maxConns, idleTimeout, gracePeriod, logLevel } = withDefaults(
+    options,
+    DEFAULTS,
+  );
   const logs = logLevel !== "quiet";
   const verbose = logLevel === "verbose";
 
   const listener = Deno.listen({ hostname, port });
   const selector = new Selector();
-  const connections = new Set<ConnKey>();
+  const connections = new Set<ClientKey>();
   const stats: ServerStats = {
     get open() {
       return connections.size;
@@ -120,13 +148,16 @@ export function serve(options: ServeOptions = {}): Server {
       return queued;
     },
   };
+  const stopped = Promise.withResolvers<void>(); // settles when run() ends
+  let idleTimer: ReturnType<typeof setInterval> | undefined = undefined;
   let outOfDescriptors = false;
   let shuttingDown = false;
 
+  // The listener's callback: the lesson's accept().
   function accept(key: SelectorKey, _mask: number): void {
-    let conn: Deno.TcpConn;
+    let conn: Deno.Conn;
     try {
-      conn = key.accept() as Deno.TcpConn; // should be ready
+      conn = key.accept(); // should be ready
     } catch (error) {
       return acceptFailed(error);
     }
@@ -134,7 +165,7 @@ export function serve(options: ServeOptions = {}): Server {
       outOfDescriptors = false;
       console.error("accepting again");
     }
-    conn.setNoDelay(true); // Deno leaves Nagle on: small echoes would wait ~40 ms
+    (conn as Deno.TcpConn).setNoDelay(true); // Deno leaves Nagle on: small echoes would wait ~40 ms
     if (logs) console.log(`${formatAddr(conn.remoteAddr)} connected`);
     const data = { bytes: 0, lastRead: idleTimeout && performance.now() };
     connections.add(selector.register(conn, READ, read, data));
@@ -158,7 +189,21 @@ export function serve(options: ServeOptions = {}): Server {
     console.error(`accept failed: ${describe(error)}`);
   }
 
-  function read(key: ConnKey, _mask: number): void {
+  // A connection's life, and the callback that runs in each state:
+  //
+  //   state        interest  callback      what it does
+  //   reading      READ      read()        echoes what arrives; at EOF → finishing
+  //   finishing    WRITE     flushed()     the echo is all written: close → closed
+  //   draining     WRITE     drained()     (shutdown) the echo is all written:
+  //                                        half-close → half-closed
+  //   half-closed  READ      halfClosed()  (shutdown) drops input until the peer's
+  //                                        EOF → closed
+  //   closed       none      close()       unregistered and closed; also on any error
+  //
+  // At shutdown every reading or finishing connection becomes draining.
+
+  // Reading: the lesson's read().
+  function read(key: ClientKey, _mask: number): void {
     let data: Uint8Array | null;
     try {
       data = key.recv(); // should be ready
@@ -177,11 +222,33 @@ export function serve(options: ServeOptions = {}): Server {
     }
   }
 
-  function flushed(key: ConnKey, _mask: number): void {
+  function flushed(key: ClientKey, _mask: number): void {
     close(key, key.error);
   }
 
-  function close(key: ConnKey, error?: unknown): void {
+  // Draining and half-closed: graceful shutdown writes back what was read, then
+  // half-closes and waits for the peer's EOF (closing with unread input would
+  // send a reset, which can destroy echoed bytes still in flight); input that
+  // arrives now is dropped.
+  function drained(key: ClientKey, _mask: number): void {
+    if (key.error) return close(key, key.error);
+    (key.resource as Deno.Conn).closeWrite().catch((error) => {
+      if (connections.has(key)) close(key, error); // e.g. the peer reset meanwhile
+    });
+    selector.modify(key.resource, READ, halfClosed);
+  }
+
+  function halfClosed(key: ClientKey, _mask: number): void {
+    let data: Uint8Array | null;
+    try {
+      data = key.recv();
+    } catch (error) {
+      return close(key, error);
+    }
+    if (data === null) close(key);
+  }
+
+  function close(key: ClientKey, error?: unknown): void {
     selector.unregister(key.resource);
     key.resource.close();
     connections.delete(key);
@@ -200,29 +267,17 @@ export function serve(options: ServeOptions = {}): Server {
     }
   }
 
-  // Graceful shutdown: write back what was read, then half-close and wait for
-  // the peer's EOF (closing with unread input would send a reset, which can
-  // destroy echoed bytes still in flight); input that arrives now is dropped.
-  function drained(key: ConnKey, _mask: number): void {
-    if (key.error) return close(key, key.error);
-    (key.resource as Deno.Conn).closeWrite().catch((error) => {
-      if (connections.has(key)) close(key, error); // e.g. the peer reset meanwhile
-    });
-    selector.modify(key.resource, READ, discard);
-  }
-
-  function discard(key: ConnKey, _mask: number): void {
-    let data: Uint8Array | null;
-    try {
-      data = key.recv();
-    } catch (error) {
-      return close(key, error);
+  function closeIdle(): void {
+    const now = performance.now();
+    for (const key of connections) {
+      if (now - key.data.lastRead > idleTimeout) {
+        close(key, new Error(`idle for over ${idleTimeout / 1000} s`));
+      }
     }
-    if (data === null) close(key);
   }
 
   function shutdown(): Promise<void> {
-    if (shuttingDown) return finished;
+    if (shuttingDown) return stopped.promise;
     shuttingDown = true;
     clearInterval(idleTimer);
     selector.unregister(listener);
@@ -235,54 +290,23 @@ export function serve(options: ServeOptions = {}): Server {
       for (const key of connections) close(key, new Error("grace period over"));
     }, gracePeriod);
     const stopTimer = () => clearTimeout(graceTimer);
-    finished.then(stopTimer, stopTimer);
-    return finished;
+    stopped.promise.then(stopTimer, stopTimer);
+    return stopped.promise;
   }
 
-  function closeIdle(): void {
-    const now = performance.now();
-    for (const key of connections) {
-      if (now - key.data.lastRead > idleTimeout) {
-        close(key, new Error(`idle for over ${idleTimeout / 1000} s`));
-      }
-    }
-  }
-
+  // Start: watch the listener, then run the loop until shutdown.
   selector.register(listener, READ, accept);
-  const idleTimer = idleTimeout > 0
-    ? setInterval(closeIdle, Math.min(1000, idleTimeout / 2))
-    : undefined;
-  const finished = selector.run().finally(() => {
+  if (idleTimeout > 0) idleTimer = setInterval(closeIdle, Math.min(1000, idleTimeout / 2));
+  selector.run().finally(() => {
     clearInterval(idleTimer);
     if (!shuttingDown) listener.close();
-  });
+  }).then(stopped.resolve, stopped.reject);
   return {
     addr: listener.addr,
     stats,
     close: shutdown,
-    finished,
+    finished: stopped.promise,
   };
-}
-
-/** The peer's address of a connection's key, for log lines. */
-function peerOf(key: ConnKey): string {
-  return formatAddr((key.resource as Deno.Conn).remoteAddr);
-}
-
-/** `host:port`, with brackets for IPv6. */
-function formatAddr(addr: Deno.Addr): string {
-  if (addr.transport !== "tcp") return addr.transport;
-  const host = addr.hostname.includes(":") ? `[${addr.hostname}]` : addr.hostname;
-  return `${host}:${addr.port}`;
-}
-
-/** An error as a short phrase: its Deno class name, or its message. */
-function describe(error: unknown): string {
-  if (error instanceof Error) {
-    const known = error.name !== "Error" ? `${error.name}: ` : "";
-    return `${known}${error.message}`;
-  }
-  return String(error);
 }
 
 const USAGE =
@@ -292,10 +316,10 @@ const HELP = `A TCP echo server: sends back every byte it receives.
 
 ${USAGE}
 
-  --host H           address to listen on (default 127.0.0.1; 0.0.0.0 exposes it to the network)
-  --port N           port, 0 picks a free one (default 8888)
-  --max-conns N      connections served at once; more wait in the kernel's backlog (default 10000)
-  --idle-timeout S   close connections idle for S seconds (default 0: never)
+  --host H           address to listen on (default ${DEFAULTS.hostname}; 0.0.0.0 exposes it to the network)
+  --port N           port, 0 picks a free one (default ${DEFAULTS.port})
+  --max-conns N      connections served at once; more wait in the kernel's backlog (default ${DEFAULTS.maxConns})
+  --idle-timeout S   close connections idle for S seconds (default ${DEFAULTS.idleTimeout}: never)
   --verbose          also log every echo
   --quiet            log errors only
   --help             show this help
@@ -312,16 +336,17 @@ const FLAGS = {
 } as const;
 
 /** Reads the command line into serve() options, or throws a UsageError. */
-function optionsFrom(flags: Flags): ServeOptions {
+function optionsFrom(flags: Flags<typeof FLAGS>): ServeOptions {
   if (flags.verbose && flags.quiet) {
     throw new UsageError("--verbose and --quiet do not go together");
   }
+  const idleSeconds = flags["idle-timeout"];
   return {
-    hostname: flags.host as string | undefined,
-    port: flags.port as number | undefined,
-    maxConns: flags["max-conns"] as number | undefined,
-    idleTimeout: ((flags["idle-timeout"] as number | undefined) ?? 0) * 1000,
-    logLevel: flags.quiet ? "quiet" : flags.verbose ? "verbose" : "info",
+    hostname: flags.host,
+    port: flags.port,
+    maxConns: flags["max-conns"],
+    idleTimeout: idleSeconds === undefined ? undefined : idleSeconds * 1000,
+    logLevel: flags.quiet ? "quiet" : flags.verbose ? "verbose" : undefined,
   };
 }
 
@@ -366,8 +391,8 @@ export async function main(args: string[]): Promise<number> {
     optionsFrom,
   );
   if ("exit" in parsed) return parsed.exit;
-  const { options } = parsed;
-  const { hostname = "127.0.0.1", port = 8888 } = options;
+  const options = withDefaults(parsed.options, DEFAULTS);
+  const { hostname, port } = options;
   let server: Server;
   try {
     server = serve(options);
@@ -378,8 +403,8 @@ export async function main(args: string[]): Promise<number> {
   // The first SIGINT or SIGTERM shuts down gracefully; a second one exits at once,
   // with the status a shell gives a process killed by that signal.
   let stopping = false;
-  const signals = { SIGINT: 130, SIGTERM: 143 } as const;
-  const handlers = Object.entries(signals).map(([signal, status]) => {
+  const signals = [["SIGINT", 130], ["SIGTERM", 143]] as const;
+  const handlers = signals.map(([signal, status]) => {
     const handler = () => {
       if (stopping) Deno.exit(status);
       stopping = true;
@@ -390,8 +415,8 @@ export async function main(args: string[]): Promise<number> {
       }
       server.close();
     };
-    Deno.addSignalListener(signal as Deno.Signal, handler);
-    return () => Deno.removeSignalListener(signal as Deno.Signal, handler);
+    Deno.addSignalListener(signal, handler);
+    return () => Deno.removeSignalListener(signal, handler);
   });
   // Announce only now: whoever waits for this line may signal at once.
   const { addr } = server;

@@ -10,7 +10,7 @@
  * @module
  */
 
-import { type LoadResult, runLoad } from "../client.ts";
+import { type LoadResult, runLoad } from "./load.ts";
 import { parseCommandLine } from "../cli.ts";
 import { processUsage } from "../testing/helpers.ts";
 
@@ -105,8 +105,8 @@ async function main(args: string[]): Promise<number> {
     help:
       "Compares main.ts with the idiomatic baseline.\n\n  --duration S   seconds per scenario and server (default 3)\n  --runs N       runs per scenario, medians reported (default 1)",
   }, (flags) => ({
-    duration: (flags.duration as number | undefined) ?? 3,
-    runs: (flags.runs as number | undefined) ?? 1,
+    duration: flags.duration ?? 3,
+    runs: flags.runs ?? 1,
   }));
   if ("exit" in parsed) return parsed.exit;
   const { duration, runs } = parsed.options;

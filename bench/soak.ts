@@ -9,7 +9,7 @@
  * @module
  */
 
-import { runLoad } from "../client.ts";
+import { runLoad } from "./load.ts";
 import { parseCommandLine } from "../cli.ts";
 import { processUsage } from "../testing/helpers.ts";
 
@@ -25,7 +25,7 @@ async function main(args: string[]): Promise<number> {
       help:
         "A million round trips through main.ts, printing its memory.\n\n  --round-trips N   how many (default 1000000)",
     },
-    (flags) => (flags["round-trips"] as number | undefined) ?? 1_000_000,
+    (flags) => flags["round-trips"] ?? 1_000_000,
   );
   if ("exit" in parsed) return parsed.exit;
   const total = parsed.options;
