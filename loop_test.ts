@@ -1,35 +1,13 @@
 import { assert, assertEquals, assertRejects, assertThrows } from "@std/assert";
 import { READ, Selector, type SelectorKey, WRITE } from "./loop.ts";
+import { connect, connectedPair, deadline, delay, readAll } from "./testing/helpers.ts";
 
-/** A connected TCP pair on loopback: [our end, the peer's end]. */
-async function connectedPair(): Promise<[Deno.TcpConn, Deno.TcpConn]> {
-  using listener = Deno.listen({ hostname: "127.0.0.1", port: 0 });
-  const [ours, peer] = await Promise.all([
-    listener.accept(),
-    Deno.connect({ hostname: "127.0.0.1", port: listener.addr.port }),
-  ]);
-  peer.setNoDelay(true);
-  return [ours, peer];
-}
-
-/** Reads from `conn` until `length` bytes came, or EOF. */
-async function readBytes(conn: Deno.Conn, length: number): Promise<Uint8Array> {
-  const bytes = new Uint8Array(length);
-  let got = 0;
-  while (got < length) {
-    const n = await conn.read(bytes.subarray(got));
-    if (n === null) break;
-    got += n;
-  }
-  return bytes.subarray(0, got);
-}
-
-/** Selects until `key` is reported, and returns its mask. */
+/** Selects until `key` is reported, and returns its mask; fails after 5 s. */
 async function nextEvent(selector: Selector, key: SelectorKey<unknown>): Promise<number> {
-  for (let i = 0; i < 1000; i++) {
-    for (const [ready, mask] of await selector.select(5000)) if (ready === key) return mask;
+  for (const end = performance.now() + 5000; performance.now() < end;) {
+    for (const [ready, mask] of await selector.select(100)) if (ready === key) return mask;
   }
-  throw new Error("the key never became ready");
+  throw new Error("the key was not reported ready within 5 s");
 }
 
 const noop = () => {};
@@ -41,7 +19,8 @@ Deno.test("select() with a timeout returns nothing when nothing is ready", async
   selector.register(ours, READ, noop);
   const start = performance.now();
   assertEquals(await selector.select(50), []);
-  assert(performance.now() - start >= 40, "select(50) returned early");
+  const took = performance.now() - start;
+  assert(took >= 40 && took < 1000, `select(50) returned after ${took} ms`);
   assertEquals(await selector.select(0), []);
   selector.close();
   peer.close();
@@ -49,7 +28,7 @@ Deno.test("select() with a timeout returns nothing when nothing is ready", async
 
 Deno.test("an empty selector's select() returns at once", async () => {
   const selector = new Selector();
-  assertEquals(await selector.select(), []);
+  assertEquals(await deadline(selector.select(), "select() on an empty selector", 100), []);
 });
 
 Deno.test("a listener key becomes READ-ready and accept() takes the connection", async () => {
@@ -58,7 +37,7 @@ Deno.test("a listener key becomes READ-ready and accept() takes the connection",
   const key = selector.register(listener, READ, noop, "data");
   assertEquals(key.data, "data");
   assertEquals(key.resource, listener);
-  const peer = await Deno.connect({ hostname: "127.0.0.1", port: listener.addr.port });
+  const peer = await connect(listener.addr.port);
   assertEquals(await nextEvent(selector, key), READ);
   const conn = key.accept();
   assertEquals((conn.remoteAddr as Deno.NetAddr).port, (peer.localAddr as Deno.NetAddr).port);
@@ -135,7 +114,7 @@ Deno.test("WRITE is ready while nothing is queued, and again once a send() is wr
   assertEquals(key.queued, 3);
   assertEquals(await nextEvent(selector, key), WRITE);
   assertEquals(key.queued, 0);
-  assertEquals(await readBytes(peer, 3), text("abc"));
+  assertEquals(await readAll(peer, 3), text("abc"));
   selector.close();
   peer.close();
 });
@@ -146,7 +125,7 @@ Deno.test("send() writes every byte of a large payload in order, across partial 
   const key = selector.register(ours, 0, noop);
   const payload = new Uint8Array(8 << 20).map((_, i) => (i * 7) % 251);
   for (let i = 0; i < payload.length; i += 1 << 20) key.send(payload.subarray(i, i + (1 << 20)));
-  const received = await readBytes(peer, payload.length);
+  const received = await readAll(peer, payload.length);
   assertEquals(received.length, payload.length);
   assertEquals(received, payload);
   assertEquals(key.queued, 0);
@@ -173,23 +152,23 @@ Deno.test("reads pause above the high-water mark until the peer reads", async ()
     const chunk = new Uint8Array(64 * 1024);
     for (let sent = 0; sent < total;) sent += await peer.write(chunk.subarray(0, total - sent));
   })();
-  await new Promise((resolve) => setTimeout(resolve, 300));
+  await delay(300);
   const stalledAt = received;
   assert(stalledAt < total, "the server kept reading while its echo was not read");
   assert(selector.getKey(ours)!.queued <= 1024 + 64 * 1024, "queued beyond the bound");
-  const echoed = await readBytes(peer, total);
+  const echoed = await readAll(peer, total);
   await writing;
   assertEquals(echoed.length, total);
   assertEquals(received, total);
   selector.close();
-  await running;
+  await deadline(running, "run() to end after close()");
   peer.close();
 });
 
 Deno.test("a reset reaches its key as an error from recv(), never as an unhandled rejection", async () => {
   // A listener closed with a connection it never accepted resets that connection.
   const listener = Deno.listen({ hostname: "127.0.0.1", port: 0 });
-  const conn = await Deno.connect({ hostname: "127.0.0.1", port: listener.addr.port });
+  const conn = await connect(listener.addr.port);
   const selector = new Selector();
   const key = selector.register(conn, READ, noop);
   listener.close();
@@ -242,11 +221,11 @@ Deno.test("run() calls each ready key's callback and ends when no key is left", 
     });
   });
   const running = selector.run();
-  const peer = await Deno.connect({ hostname: "127.0.0.1", port: listener.addr.port });
+  const peer = await connect(listener.addr.port);
   await peer.write(text("hi"));
-  await new Promise((resolve) => setTimeout(resolve, 20));
+  await delay(20);
   peer.close();
-  await running;
+  await deadline(running, "run() to end once no key is left");
   assertEquals(seen, ["accept", "read", "eof"]);
 });
 
@@ -256,7 +235,7 @@ Deno.test("close() closes every resource and wakes a waiting select()", async ()
   selector.register(ours, READ, noop);
   const waiting = selector.select();
   selector.close();
-  assertEquals(await waiting, []);
+  assertEquals(await deadline(waiting, "select() to return after close()", 1000), []);
   await assertRejects(() => ours.write(text("x")), Deno.errors.BadResource);
   assertThrows(() => selector.register(peer, READ, noop), Error, "closed");
   await selector.run(); // returns at once: the selector is closed
@@ -270,7 +249,7 @@ Deno.test("only one select() may wait at a time", async () => {
   const waiting = selector.select();
   await assertRejects(() => selector.select(), Error, "another select()");
   selector.close();
-  await waiting;
+  await deadline(waiting, "select() to return after close()", 1000);
   peer.close();
 });
 
@@ -284,10 +263,7 @@ Deno.test("select() over 2,000 idle keys with one active returns just that one",
   const selector = new Selector();
   const peers: Deno.TcpConn[] = [];
   for (let i = 0; i < 2001; i++) {
-    const [ours, peer] = await Promise.all([
-      listener.accept(),
-      Deno.connect({ hostname: "127.0.0.1", port: listener.addr.port }),
-    ]);
+    const [ours, peer] = await Promise.all([listener.accept(), connect(listener.addr.port)]);
     selector.register(ours, READ, noop, i);
     peers.push(peer);
   }

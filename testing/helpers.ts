@@ -1,16 +1,245 @@
 /**
- * Test helpers: run main.ts and client.ts as a user would, and move bytes
- * over a connection exactly.
+ * Test helpers, one per job (they import no @std package, so that
+ * `deno task check` can check them offline): connect, move bytes exactly, wait for a condition
+ * with a deadline, run the scripts as a user would (servers that are always
+ * stopped, even when a test fails), reset storms, and a process's usage.
+ *
+ * Nothing here waits forever: every wait has a deadline and fails with a
+ * message that says what did not happen.
  *
  * @module
  */
 
+import { serve, type ServeOptions, type Server } from "../main.ts";
+
 const root = new URL("../", import.meta.url);
+
+/** How long a step may take before the test fails instead of hanging. */
+export const STEP_TIMEOUT_MS = 10_000;
+
+/**
+ * Settles as `promise` does, or rejects after `ms` with an error that says
+ * what did not happen.
+ *
+ * @param promise What to wait for.
+ * @param what What it is, for the message ("the echo"), or a function that says it then.
+ * @param ms How long to wait at most.
+ * @returns The promise's value.
+ */
+export async function deadline<T>(
+  promise: Promise<T>,
+  what: string | (() => string),
+  ms = STEP_TIMEOUT_MS,
+): Promise<T> {
+  let timer: ReturnType<typeof setTimeout> | undefined;
+  const late = new Promise<never>((_, reject) => {
+    timer = setTimeout(() => {
+      reject(new Error(`${typeof what === "string" ? what : what()}: not within ${ms} ms`));
+    }, ms);
+  });
+  try {
+    return await Promise.race([promise, late]);
+  } finally {
+    clearTimeout(timer);
+  }
+}
+
+/**
+ * Polls `condition` every 20 ms until it holds; fails with `what` if it does
+ * not within `ms`.
+ *
+ * @param condition What must become true.
+ * @param what What it means, for the message.
+ * @param ms How long to wait at most.
+ */
+export async function waitUntil(
+  condition: () => boolean,
+  what: string,
+  ms = STEP_TIMEOUT_MS,
+): Promise<void> {
+  for (const end = performance.now() + ms; !condition();) {
+    if (performance.now() > end) throw new Error(`${what}: not within ${ms} ms`);
+    await delay(20);
+  }
+}
+
+/** Resolves after `ms` milliseconds. */
+export function delay(ms: number): Promise<void> {
+  return new Promise((resolve) => setTimeout(resolve, ms));
+}
+
+/**
+ * Connects to a server on loopback, with TCP_NODELAY (small writes go at once).
+ *
+ * @param port The server's port.
+ * @param hostname The server's address.
+ * @returns The connection.
+ */
+export async function connect(port: number, hostname = "127.0.0.1"): Promise<Deno.TcpConn> {
+  const conn = await deadline(Deno.connect({ hostname, port }), `connect to port ${port}`);
+  conn.setNoDelay(true);
+  return conn;
+}
+
+/**
+ * A connected TCP pair on loopback, without a server.
+ *
+ * @returns [our end, the peer's end].
+ */
+export async function connectedPair(): Promise<[Deno.TcpConn, Deno.TcpConn]> {
+  using listener = Deno.listen({ hostname: "127.0.0.1", port: 0 });
+  const [ours, peer] = await Promise.all([
+    deadline(listener.accept(), "accept"),
+    connect(listener.addr.port),
+  ]);
+  return [ours, peer];
+}
+
+/** Writes all of `bytes` to `conn`. */
+export async function writeAll(conn: Deno.Conn, bytes: Uint8Array): Promise<void> {
+  for (let sent = 0; sent < bytes.length;) sent += await conn.write(bytes.subarray(sent));
+}
+
+/**
+ * Reads until EOF, or until `limit` bytes came; fails if that takes over `ms`.
+ *
+ * @param conn Where to read.
+ * @param limit How many bytes to read at most.
+ * @param ms How long it may take.
+ * @returns The bytes.
+ */
+export function readAll(
+  conn: Deno.Conn,
+  limit = Infinity,
+  ms = STEP_TIMEOUT_MS,
+): Promise<Uint8Array> {
+  let total = 0;
+  const reading = (async () => {
+    const chunks: Uint8Array[] = [];
+    const buffer = new Uint8Array(64 * 1024);
+    while (total < limit) {
+      const n = await conn.read(buffer.subarray(0, Math.min(buffer.length, limit - total)));
+      if (n === null) break;
+      chunks.push(buffer.slice(0, n));
+      total += n;
+    }
+    const all = new Uint8Array(total);
+    let offset = 0;
+    for (const chunk of chunks) {
+      all.set(chunk, offset);
+      offset += chunk.length;
+    }
+    return all;
+  })();
+  const until = limit === Infinity ? "EOF" : `${limit} bytes`;
+  return deadline(reading, () => `reading until ${until} (got ${total})`, ms);
+}
+
+/**
+ * Sends `bytes` and checks that exactly they come back.
+ *
+ * @param conn A connection to an echo server.
+ * @param bytes What to send.
+ */
+export async function roundTrip(conn: Deno.Conn, bytes: Uint8Array): Promise<void> {
+  await writeAll(conn, bytes);
+  const echoed = await readAll(conn, bytes.length);
+  const at = echoed.findIndex((byte, i) => byte !== bytes[i]);
+  if (echoed.length !== bytes.length || at >= 0) {
+    throw new Error(
+      `the echo differs: sent ${bytes.length} bytes, got ${echoed.length}, first difference at ${at}`,
+    );
+  }
+}
+
+/**
+ * Sends `bytes`, half-closes, and returns everything echoed until EOF.
+ *
+ * @param port The echo server's port.
+ * @param bytes What to send.
+ * @returns The echo.
+ */
+export async function echo(port: number, bytes: Uint8Array): Promise<Uint8Array> {
+  const conn = await connect(port);
+  try {
+    const [, echoed] = await Promise.all([
+      writeAll(conn, bytes).then(() => conn.closeWrite()),
+      readAll(conn),
+    ]);
+    return echoed;
+  } finally {
+    conn.close();
+  }
+}
+
+/** A seeded pseudo-random generator (xorshift32) in [0, 1): the same seed, the same numbers. */
+export function seededRandom(seed: number): () => number {
+  let state = (seed >>> 0) || 1;
+  return () => {
+    state ^= state << 13;
+    state ^= state >>> 17;
+    state ^= state << 5;
+    return (state >>> 0) / 4294967296;
+  };
+}
+
+/** Bytes that differ by position, so a lost, doubled or moved byte shows. */
+export function pattern(length: number, seed = 0): Uint8Array {
+  const bytes = new Uint8Array(length);
+  for (let i = 0; i < length; i++) bytes[i] = (i * 31 + seed + (i >>> 8)) & 0xff;
+  return bytes;
+}
+
+/**
+ * An in-process server on a free port, quiet. `await using` closes it at the
+ * end of the scope, even when the test fails.
+ *
+ * @param options Other serve() options.
+ * @returns The running server.
+ */
+export function serveForTest(options: ServeOptions = {}): Server & AsyncDisposable {
+  const server = serve({ port: 0, logLevel: "quiet", ...options });
+  return Object.assign(server, {
+    [Symbol.asyncDispose]: () => deadline(server.close(), "the server's shutdown"),
+  });
+}
+
+/**
+ * Peers that vanish: a separate Deno process opens `count` connections, writes
+ * `bytes` on each without reading the echo, and exits without closing them.
+ * The kernel then resets every connection with unread data, which is how a
+ * crashed peer looks to the server (Deno cannot set SO_LINGER).
+ *
+ * @param port The server's port.
+ * @param count How many connections.
+ * @param bytes How many bytes each writes first.
+ */
+export async function resetStorm(port: number, count: number, bytes: number): Promise<void> {
+  const code = `
+    const conns = [];
+    for (let i = 0; i < ${count}; i++) {
+      const conn = await Deno.connect({ hostname: "127.0.0.1", port: ${port} });
+      conn.write(new Uint8Array(${bytes})).catch(() => {}); // the echo is never read
+      conns.push(conn);
+    }
+    await new Promise((resolve) => setTimeout(resolve, 200));
+    Deno.exit(0);`;
+  const { code: status, stderr } = await deadline(
+    new Deno.Command("deno", { args: ["eval", code], env: { NO_COLOR: "1" } }).output(),
+    "the resetting peers",
+  );
+  if (status !== 0) {
+    throw new Error(`the resetting peers failed: ${new TextDecoder().decode(stderr)}`);
+  }
+}
 
 /** What a finished `deno run` printed and how it ended. */
 export interface Finished {
+  /** The exit code. */
   code: number;
+  /** What it printed on stdout. */
   stdout: string;
+  /** What it printed on stderr. */
   stderr: string;
 }
 
@@ -47,21 +276,27 @@ export async function runScript(
   args: string[],
   options: RunOptions = {},
 ): Promise<Finished> {
-  const { code, stdout, stderr } = await new Deno.Command(
-    options.shell ? "sh" : "deno",
-    denoRun(script, args, options),
-  ).output();
+  const { code, stdout, stderr } = await deadline(
+    new Deno.Command(options.shell ? "sh" : "deno", denoRun(script, args, options)).output(),
+    `deno run ${script} ${args.join(" ")}`,
+    30_000,
+  );
   const decoder = new TextDecoder();
   return { code, stdout: decoder.decode(stdout), stderr: decoder.decode(stderr) };
 }
 
-/** main.ts started as a user would, its output collected as it comes. */
-export class ServerProcess {
+/**
+ * main.ts started as a user would, its output collected as it comes.
+ * `await using` stops it at the end of the scope (SIGKILL if it is still
+ * running), even when the test fails.
+ */
+export class ServerProcess implements AsyncDisposable {
   readonly #child: Deno.ChildProcess;
   #stdout = "";
   #stderr = "";
   readonly #done: Promise<void>;
   #changed: () => void = () => {};
+  #exited = false;
 
   private constructor(args: string[], options: RunOptions) {
     this.#child = new Deno.Command(options.shell ? "sh" : "deno", {
@@ -69,6 +304,7 @@ export class ServerProcess {
       stdout: "piped",
       stderr: "piped",
     }).spawn();
+    this.#child.status.then(() => this.#exited = true);
     this.#done = Promise.all([
       this.#collect(this.#child.stdout, (text) => this.#stdout += text),
       this.#collect(this.#child.stderr, (text) => this.#stderr += text),
@@ -84,7 +320,12 @@ export class ServerProcess {
    */
   static async start(args: string[], options: RunOptions = {}): Promise<ServerProcess> {
     const server = new ServerProcess(args, options);
-    await server.waitFor(/^listening on /m);
+    try {
+      await server.waitFor(/^listening on /m);
+    } catch (error) {
+      await server[Symbol.asyncDispose]();
+      throw error;
+    }
     return server;
   }
 
@@ -112,27 +353,22 @@ export class ServerProcess {
    * Waits until the server's stdout matches `pattern`.
    *
    * @param pattern What to wait for.
-   * @param timeout Milliseconds to wait at most.
+   * @param ms How long to wait at most.
    * @returns The match.
    */
-  async waitFor(pattern: RegExp, timeout = 10_000): Promise<RegExpMatchArray> {
-    const deadline = performance.now() + timeout;
+  async waitFor(pattern: RegExp, ms = STEP_TIMEOUT_MS): Promise<RegExpMatchArray> {
+    const end = performance.now() + ms;
     while (true) {
       const match = this.#stdout.match(pattern);
       if (match) return match;
-      const left = deadline - performance.now();
-      if (left <= 0) {
+      const left = end - performance.now();
+      if (left <= 0 || this.#exited) {
         throw new Error(
           `server output never matched ${pattern}\nstdout: ${this.#stdout}\nstderr: ${this.#stderr}`,
         );
       }
-      let timer: ReturnType<typeof setTimeout> | undefined;
-      await Promise.race([
-        new Promise<void>((resolve) => this.#changed = resolve),
-        new Promise<void>((resolve) => timer = setTimeout(resolve, left)),
-        this.#done,
-      ]);
-      clearTimeout(timer);
+      const changed = new Promise<void>((resolve) => this.#changed = resolve);
+      await deadline(Promise.race([changed, this.#done]), "output", left).catch(() => {});
     }
   }
 
@@ -145,13 +381,21 @@ export class ServerProcess {
    * Sends a signal and waits for the process to end.
    *
    * @param signal The signal; omit to only wait.
+   * @param ms How long the process may take to exit.
    * @returns Its exit code and all it printed.
    */
-  async stop(signal?: Deno.Signal): Promise<Finished> {
+  async stop(signal?: Deno.Signal, ms = STEP_TIMEOUT_MS): Promise<Finished> {
     if (signal) this.#child.kill(signal);
-    const { code } = await this.#child.status;
+    const { code } = await deadline(this.#child.status, "the server's exit", ms);
     await this.#done;
     return { code, stdout: this.#stdout, stderr: this.#stderr };
+  }
+
+  /** Kills the server if it still runs, and waits for it. */
+  async [Symbol.asyncDispose](): Promise<void> {
+    if (!this.#exited) this.#child.kill("SIGKILL");
+    await this.#child.status;
+    await this.#done;
   }
 
   async #collect(stream: ReadableStream<Uint8Array>, add: (text: string) => void) {
@@ -162,57 +406,11 @@ export class ServerProcess {
   }
 }
 
-/** Writes all of `bytes` to `conn`. */
-export async function writeAll(conn: Deno.Conn, bytes: Uint8Array): Promise<void> {
-  for (let sent = 0; sent < bytes.length;) sent += await conn.write(bytes.subarray(sent));
-}
-
-/** Reads until EOF, or until `limit` bytes came. */
-export async function readAll(conn: Deno.Conn, limit = Infinity): Promise<Uint8Array> {
-  const chunks: Uint8Array[] = [];
-  let total = 0;
-  const buffer = new Uint8Array(64 * 1024);
-  while (total < limit) {
-    const n = await conn.read(buffer.subarray(0, Math.min(buffer.length, limit - total)));
-    if (n === null) break;
-    chunks.push(buffer.slice(0, n));
-    total += n;
-  }
-  const all = new Uint8Array(total);
-  let offset = 0;
-  for (const chunk of chunks) {
-    all.set(chunk, offset);
-    offset += chunk.length;
-  }
-  return all;
-}
-
-/** A seeded pseudo-random generator (xorshift32) in [0, 1): the same seed, the same numbers. */
-export function seededRandom(seed: number): () => number {
-  let state = (seed >>> 0) || 1;
-  return () => {
-    state ^= state << 13;
-    state ^= state >>> 17;
-    state ^= state << 5;
-    return (state >>> 0) / 4294967296;
-  };
-}
-
-/** Bytes that differ by position, so a lost, doubled or moved byte shows. */
-export function pattern(length: number, seed = 0): Uint8Array {
-  const bytes = new Uint8Array(length);
-  for (let i = 0; i < length; i++) bytes[i] = (i * 31 + seed + (i >>> 8)) & 0xff;
-  return bytes;
-}
-
-/** Resolves after `ms` milliseconds. */
-export function delay(ms: number): Promise<void> {
-  return new Promise((resolve) => setTimeout(resolve, ms));
-}
-
 /** A process's open file descriptors and resident memory. */
 export interface ProcessUsage {
+  /** Open file descriptors. */
   fds: number;
+  /** Resident memory (VmRSS) in KiB. */
   rssKiB: number;
   /** CPU time used so far, user and system, in milliseconds. */
   cpuMs: number;
@@ -233,9 +431,10 @@ export async function processUsage(pid = Deno.pid): Promise<ProcessUsage> {
     const stat = Deno.readTextFileSync("/proc/${pid}/stat").split(")").pop().trim().split(" ");
     const ticks = Number(stat[11]) + Number(stat[12]); // in 1/100 s on Linux
     console.log(JSON.stringify({ fds, rssKiB: Number(rss), cpuMs: ticks * 10 }));`;
-  const { code: exit, stdout, stderr } = await new Deno.Command("deno", {
-    args: ["eval", code],
-  }).output();
+  const { code: exit, stdout, stderr } = await deadline(
+    new Deno.Command("deno", { args: ["eval", code] }).output(),
+    `reading /proc/${pid}`,
+  );
   const decoder = new TextDecoder();
   if (exit !== 0) throw new Error(`cannot read /proc/${pid}: ${decoder.decode(stderr)}`);
   return JSON.parse(decoder.decode(stdout));

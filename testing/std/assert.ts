@@ -16,7 +16,11 @@ export function assert(expr: unknown, msg = "Expected expression to be truthy"):
   if (!expr) throw new AssertionError(msg);
 }
 
-/** Fails unless `actual` and `expected` are deeply equal (arrays, typed arrays, plain objects). */
+/**
+ * Fails unless `actual` and `expected` are deeply equal: primitives, arrays,
+ * plain objects, typed arrays, Dates, Sets, Maps and Errors. Throws a
+ * TypeError for other kinds of objects, which only the real package compares.
+ */
 export function assertEquals<T>(actual: T, expected: T, msg?: string): void {
   const difference = differ(actual, expected, "value");
   if (difference) throw new AssertionError(msg ? `${msg}: ${difference}` : difference);
@@ -105,15 +109,22 @@ function checkError<E extends Error>(
   return error as E;
 }
 
-/** Where two values first differ, as a sentence, or "" if they are deeply equal. */
+/**
+ * Where two values first differ, as a sentence, or "" if they are deeply equal,
+ * with the real assertEquals's meaning: the same prototype, then the same
+ * contents (array and object entries, typed-array elements, Set members, Map
+ * entries, an Error's name, message, cause and stack, a Date's time). Other kinds of
+ * objects are refused rather than compared wrongly.
+ */
 function differ(actual: unknown, expected: unknown, path: string): string {
-  if (Object.is(actual, expected)) return "";
+  if (Object.is(actual, expected) || actual === expected) return "";
   const shown = (value: unknown) => Deno.inspect(value, { depth: 2 });
+  const unlike = `${path}: expected ${shown(expected)}, got ${shown(actual)}`;
   if (
     typeof actual !== "object" || typeof expected !== "object" || actual === null ||
     expected === null || Object.getPrototypeOf(actual) !== Object.getPrototypeOf(expected)
   ) {
-    return `${path}: expected ${shown(expected)}, got ${shown(actual)}`;
+    return unlike;
   }
   if (ArrayBuffer.isView(actual)) {
     const a = actual as unknown as ArrayLike<unknown>;
@@ -124,15 +135,69 @@ function differ(actual: unknown, expected: unknown, path: string): string {
     }
     return "";
   }
+  if (actual instanceof Date) {
+    return Object.is(actual.getTime(), (expected as Date).getTime()) ? "" : unlike;
+  }
+  if (actual instanceof Set) return differentSets(actual, expected as Set<unknown>) ? unlike : "";
+  if (actual instanceof Map) {
+    return differentMaps(actual, expected as Map<unknown, unknown>, unlike);
+  }
+  if (actual instanceof Error) {
+    for (const field of ["name", "message", "cause", "stack"] as const) {
+      const difference = differ(actual[field], (expected as Error)[field], `${path}.${field}`);
+      if (difference) return difference;
+    }
+  } else if (!isPlain(actual)) {
+    throw new TypeError(
+      `the offline stand-in for assertEquals cannot compare ${
+        shown(actual)
+      }: use the real @std/assert`,
+    );
+  }
   const keys = new Set([...Object.keys(actual), ...Object.keys(expected)]);
   if (Array.isArray(actual)) keys.add("length");
   for (const key of keys) {
+    if (Object.hasOwn(actual, key) !== Object.hasOwn(expected, key) && key !== "length") {
+      return `${path}.${key}: present on one side only`;
+    }
     const difference = differ(
       (actual as Record<string, unknown>)[key],
       (expected as Record<string, unknown>)[key],
       `${path}.${key}`,
     );
     if (difference) return difference;
+  }
+  return "";
+}
+
+/** Plain objects and arrays: compared by their own enumerable entries. */
+function isPlain(value: object): boolean {
+  const prototype = Object.getPrototypeOf(value);
+  return prototype === null || prototype === Object.prototype || prototype === Array.prototype;
+}
+
+/** Sets differ unless every member of one has a deeply equal member in the other. */
+function differentSets(a: Set<unknown>, b: Set<unknown>): boolean {
+  if (a.size !== b.size) return true;
+  const unmatched = [...b];
+  for (const member of a) {
+    const i = unmatched.findIndex((other) => differ(member, other, "") === "");
+    if (i < 0) return true;
+    unmatched.splice(i, 1);
+  }
+  return false;
+}
+
+/** Maps differ unless every entry of one has an entry with deeply equal key and value in the other. */
+function differentMaps(a: Map<unknown, unknown>, b: Map<unknown, unknown>, unlike: string): string {
+  if (a.size !== b.size) return unlike;
+  const unmatched = [...b];
+  for (const [key, value] of a) {
+    const i = unmatched.findIndex(([otherKey, otherValue]) =>
+      differ(key, otherKey, "") === "" && differ(value, otherValue, "") === ""
+    );
+    if (i < 0) return unlike;
+    unmatched.splice(i, 1);
   }
   return "";
 }
