@@ -1,61 +1,27 @@
-import { assert, assertEquals, assertLessOrEqual, assertMatch } from "@std/assert";
+// The server and the client as the README shows them, and the echo itself:
+// exact bytes whatever the sizes, timing and half-closes. Faults and limits
+// are in faults_test.ts.
+import { assertEquals, assertMatch } from "@std/assert";
 import { getAvailablePort } from "@std/net";
-import { serve, type Server } from "./main.ts";
-import { runClients } from "./client.ts";
 import {
+  connect,
+  deadline,
   delay,
+  echo,
   pattern,
-  processUsage,
   readAll,
   runScript,
   seededRandom,
+  serveForTest,
   ServerProcess,
+  waitUntil,
   writeAll,
 } from "./testing/helpers.ts";
-
-/** An in-process server on a free port, closed (and checked closed) after `fn`. */
-async function withServer(fn: (server: Server) => Promise<void>): Promise<void> {
-  const server = serve({ port: 0, logLevel: "quiet" });
-  try {
-    await fn(server);
-  } finally {
-    await server.close();
-  }
-  assertEquals(server.stats.open, 0);
-}
-
-function connect(server: Server): Promise<Deno.TcpConn> {
-  return Deno.connect({ hostname: "127.0.0.1", port: server.addr.port });
-}
-
-/** Sends `bytes`, half-closes, and returns everything echoed until EOF. */
-async function echo(server: Server, bytes: Uint8Array): Promise<Uint8Array> {
-  const conn = await connect(server);
-  try {
-    const [, echoed] = await Promise.all([
-      writeAll(conn, bytes).then(() => conn.closeWrite()),
-      readAll(conn),
-    ]);
-    return echoed;
-  } finally {
-    conn.close();
-  }
-}
-
-Deno.test("twenty concurrent clients each get their exact echo", async () => {
-  await withServer(async (server) => {
-    const results = await runClients({ port: server.addr.port, count: 20 });
-    assertEquals(results.length, 20);
-    for (const result of results) {
-      assertEquals([result.ok, result.bytes, result.error], [true, 5, undefined]);
-    }
-    assertEquals(server.stats.accepted, 20);
-  });
-});
+import { runClients } from "./client.ts";
 
 Deno.test("deno run main.ts and deno run client.ts work together as the README says", async () => {
   const port = getAvailablePort();
-  const server = await ServerProcess.start(["--port", `${port}`]);
+  await using server = await ServerProcess.start(["--port", `${port}`]);
   assertMatch(server.stdout, new RegExp(`^listening on 127\\.0\\.0\\.1:${port}$`, "m"));
   const client = await runScript("client.ts", ["--port", `${port}`]);
   assertEquals(client.stderr, "");
@@ -63,7 +29,7 @@ Deno.test("deno run main.ts and deno run client.ts work together as the README s
   assertEquals(lines.slice(0, 20), Array(20).fill("reply from server= hello"));
   assertMatch(lines[20], /^20\/20 echoed in \d+ ms$/);
   assertEquals([lines.length, client.code], [21, 0]);
-  await server.waitFor(/(closed, 5 bytes echoed\n[^]*){20}/);
+  await waitUntil(() => server.count(/ closed, 5 bytes echoed$/) === 20, "20 clean closes");
   const stopped = await server.stop("SIGTERM");
   assertEquals(stopped.code, 0);
   assertEquals(stopped.stderr, "");
@@ -72,7 +38,7 @@ Deno.test("deno run main.ts and deno run client.ts work together as the README s
 
 Deno.test("--host ::1: the server and the client work over IPv6", async () => {
   const ipv6 = { permissions: ["--allow-net=[::1]"] };
-  const server = await ServerProcess.start(["--host", "::1", "--port", "0"], ipv6);
+  await using server = await ServerProcess.start(["--host", "::1", "--port", "0"], ipv6);
   const { port } = server;
   assertMatch(server.stdout, new RegExp(`^listening on \\[::1\\]:${port}$`, "m"));
   const client = await runScript("client.ts", ["--host", "::1", "--port", `${port}`], ipv6);
@@ -82,96 +48,27 @@ Deno.test("--host ::1: the server and the client work over IPv6", async () => {
   assertEquals((await server.stop("SIGTERM")).code, 0);
 });
 
-Deno.test("an 8 MiB payload is echoed exactly while the client reads concurrently", async () => {
-  await withServer(async (server) => {
-    const payload = pattern(8 << 20);
-    const echoed = await echo(server, payload);
-    assertEquals(echoed.length, payload.length);
-    assertEquals(echoed, payload);
-  });
-});
-
-Deno.test("a client that writes without reading stays within the server's queue bound, then gets every byte", async () => {
-  await withServer(async (server) => {
-    const conn = await connect(server);
-    const payload = pattern(32 << 20, 7);
-    const writing = writeAll(conn, payload); // stalls once every buffer is full
-    let maxQueued = 0;
-    for (let i = 0, last = -1; i < 200 && server.stats.bytes !== last; i++) {
-      last = server.stats.bytes;
-      await delay(20);
-      maxQueued = Math.max(maxQueued, server.stats.queued);
-    }
-    assert(server.stats.bytes < payload.length, "the server read everything without writing back");
-    assertLessOrEqual(maxQueued, 128 * 1024); // high-water mark + one read buffer
-    const [echoed] = await Promise.all([readAll(conn, payload.length), writing]);
-    assertEquals(echoed, payload);
-    conn.close();
-  });
-});
-
-Deno.test("after a half-close the client still receives every byte, then EOF", async () => {
-  await withServer(async (server) => {
-    const conn = await connect(server);
-    const payload = pattern(300_000, 3);
-    await writeAll(conn, payload);
-    await conn.closeWrite(); // we are done sending; the echo is still on its way
-    const echoed = await readAll(conn);
-    assertEquals(echoed, payload);
-    assertEquals(await conn.read(new Uint8Array(1)), null);
-    conn.close();
-  });
-});
-
-Deno.test("peers that reset do not disturb other connections", async () => {
-  await withServer(async (server) => {
-    const steady = await connect(server);
-    // A process that connects, sends, and exits without reading: the kernel resets.
-    const port = server.addr.port;
-    const resetter = `
-      const conns = [];
-      for (let i = 0; i < 50; i++) {
-        const conn = await Deno.connect({ hostname: "127.0.0.1", port: ${port} });
-        await conn.write(new Uint8Array(100_000));
-        conns.push(conn);
-      }
-      await new Promise((resolve) => setTimeout(resolve, 100));
-      Deno.exit(0);`;
-    const child = await new Deno.Command("deno", {
-      args: ["eval", resetter],
-      env: { NO_COLOR: "1" },
-    }).output();
-    assertEquals(child.code, 0, new TextDecoder().decode(child.stderr));
-    for (let i = 0; i < 100 && server.stats.open > 1; i++) await delay(20);
-    assertEquals(server.stats.open, 1);
-    const payload = pattern(100_000, 5);
-    await writeAll(steady, payload);
-    assertEquals(await readAll(steady, payload.length), payload);
-    steady.close();
-    const results = await runClients({ port });
-    assert(results.every((result) => result.ok));
-  });
+Deno.test("8 MiB are echoed exactly while the client reads; after a half-close every byte comes back, then EOF", async () => {
+  await using server = serveForTest();
+  const { port } = server.addr;
+  const payload = pattern(8 << 20);
+  assertEquals(await echo(port, payload), payload); // writes and reads at once
+  // Write everything first, then half-close, then read: the echo is still due.
+  const conn = await connect(port);
+  const half = pattern(300_000, 3);
+  await writeAll(conn, half);
+  await conn.closeWrite();
+  assertEquals(await readAll(conn), half);
+  assertEquals(await conn.read(new Uint8Array(1)), null);
+  conn.close();
 });
 
 Deno.test("all 256 byte values are echoed unchanged", async () => {
-  await withServer(async (server) => {
-    const every = Uint8Array.from({ length: 256 }, (_, i) => i);
-    assertEquals(await echo(server, every), every);
-    const [result] = await runClients({ port: server.addr.port, count: 1, message: every });
-    assert(result.ok, result.error);
-  });
-});
-
-Deno.test("1,000 sequential connections leave nothing open", async () => {
-  await withServer(async (server) => {
-    const before = await processUsage();
-    const hello = new TextEncoder().encode("hello");
-    for (let i = 0; i < 1000; i++) assertEquals(await echo(server, hello), hello);
-    for (let i = 0; i < 100 && server.stats.open > 0; i++) await delay(10);
-    assertEquals(server.stats.open, 0);
-    assertEquals(server.stats.accepted, 1000);
-    assertEquals((await processUsage()).fds, before.fds);
-  });
+  await using server = serveForTest();
+  const every = Uint8Array.from({ length: 256 }, (_, i) => i);
+  assertEquals(await echo(server.addr.port, every), every);
+  const [result] = await runClients({ port: server.addr.port, count: 1, message: every });
+  assertEquals([result.ok, result.error], [true, undefined]);
 });
 
 Deno.test("seeded fuzz: random writes, reads, pauses, half-closes and resets echo exactly", async () => {
@@ -181,39 +78,39 @@ Deno.test("seeded fuzz: random writes, reads, pauses, half-closes and resets ech
   // Sizes spread over 1 B .. 1 MiB, most of them small.
   const size = () => Math.max(1, Math.floor(2 ** (random() * 20)));
   try {
-    await withServer(async (server) => {
-      await Promise.all(Array.from({ length: 32 }, async (_, c) => {
-        const conn = await connect(server);
-        const writes = Array.from({ length: between(1, 24) }, size);
-        const payload = pattern(writes.reduce((a, b) => a + b, 0), c);
-        const resetAfter = random() < 0.2 ? between(0, writes.length - 1) : -1;
-        const pauses = writes.map(() => (random() < 0.2 ? between(1, 20) : 0));
-        const reads = Array.from({ length: 32 }, size);
-        const writing = (async () => {
-          let at = 0;
-          for (const [i, length] of writes.entries()) {
-            if (i === resetAfter) return conn.close(); // gone mid-stream, echo unread
-            await writeAll(conn, payload.subarray(at, at += length));
-            if (pauses[i]) await delay(pauses[i]);
-          }
-          await conn.closeWrite(); // half-close: the echo is still due
-        })();
-        if (resetAfter >= 0) return await writing;
-        const echoed = new Uint8Array(payload.length + 1);
-        let got = 0;
-        for (let i = 0; got < echoed.length; i++) {
-          const want = Math.min(reads[i % reads.length], echoed.length - got);
-          const n = await conn.read(echoed.subarray(got, got + want));
-          if (n === null) break;
-          got += n;
-          if (random() < 0.05) await delay(between(1, 10)); // a slow reader now and then
+    await using server = serveForTest();
+    const connections = Promise.all(Array.from({ length: 32 }, async (_, c) => {
+      const conn = await connect(server.addr.port);
+      const writes = Array.from({ length: between(1, 24) }, size);
+      const payload = pattern(writes.reduce((a, b) => a + b, 0), c);
+      const resetAfter = random() < 0.2 ? between(0, writes.length - 1) : -1;
+      const pauses = writes.map(() => (random() < 0.2 ? between(1, 20) : 0));
+      const reads = Array.from({ length: 32 }, size);
+      const writing = (async () => {
+        let at = 0;
+        for (const [i, length] of writes.entries()) {
+          if (i === resetAfter) return conn.close(); // gone mid-stream, echo unread
+          await writeAll(conn, payload.subarray(at, at += length));
+          if (pauses[i]) await delay(pauses[i]);
         }
-        await writing;
-        conn.close();
-        assertEquals(got, payload.length, `connection ${c}: echo length`);
-        assertEquals(echoed.subarray(0, got), payload, `connection ${c}: echo bytes`);
-      }));
-    });
+        await conn.closeWrite(); // half-close: the echo is still due
+      })();
+      if (resetAfter >= 0) return await writing;
+      const echoed = new Uint8Array(payload.length + 1);
+      let got = 0;
+      for (let i = 0; got < echoed.length; i++) {
+        const want = Math.min(reads[i % reads.length], echoed.length - got);
+        const n = await conn.read(echoed.subarray(got, got + want));
+        if (n === null) break;
+        got += n;
+        if (random() < 0.05) await delay(between(1, 10)); // a slow reader now and then
+      }
+      await writing;
+      conn.close();
+      assertEquals(got, payload.length, `connection ${c}: echo length`);
+      assertEquals(echoed.subarray(0, got), payload, `connection ${c}: echo bytes`);
+    }));
+    await deadline(connections, "the fuzzed connections' echoes", 20_000);
   } catch (error) {
     console.error(
       `fuzz test failed with seed ${seed}: replay with ECHO_SEED=${seed} deno task test`,
@@ -292,7 +189,7 @@ Deno.test("the client reports a wrong echo, one line per connection, exit 1", as
     }
   })();
   const result = await runScript("client.ts", ["--port", `${listener.addr.port}`, "--count", "2"]);
-  await liar;
+  await deadline(liar, "the client's two connections");
   assertEquals(result.code, 1);
   assertEquals(
     result.stderr,

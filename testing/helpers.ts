@@ -144,11 +144,10 @@ export function readAll(
 export async function roundTrip(conn: Deno.Conn, bytes: Uint8Array): Promise<void> {
   await writeAll(conn, bytes);
   const echoed = await readAll(conn, bytes.length);
-  const at = echoed.findIndex((byte, i) => byte !== bytes[i]);
-  if (echoed.length !== bytes.length || at >= 0) {
-    throw new Error(
-      `the echo differs: sent ${bytes.length} bytes, got ${echoed.length}, first difference at ${at}`,
-    );
+  const differs = echoed.findIndex((byte, i) => byte !== bytes[i]);
+  if (echoed.length !== bytes.length || differs >= 0) {
+    const at = differs >= 0 ? differs : Math.min(echoed.length, bytes.length);
+    throw new Error(`the echo differs from byte ${at}: sent ${bytes.length}, got ${echoed.length}`);
   }
 }
 
@@ -192,16 +191,20 @@ export function pattern(length: number, seed = 0): Uint8Array {
 
 /**
  * An in-process server on a free port, quiet. `await using` closes it at the
- * end of the scope, even when the test fails.
+ * end of the scope, even when the test fails. A shutdown that hangs is
+ * reported on stderr rather than thrown, so that it cannot hide the test's
+ * own error; the test then fails on the operations it leaks.
  *
  * @param options Other serve() options.
  * @returns The running server.
  */
 export function serveForTest(options: ServeOptions = {}): Server & AsyncDisposable {
   const server = serve({ port: 0, logLevel: "quiet", ...options });
-  return Object.assign(server, {
-    [Symbol.asyncDispose]: () => deadline(server.close(), "the server's shutdown"),
-  });
+  const dispose = () =>
+    deadline(server.close(), "the test server's shutdown", 5000).catch((error) => {
+      console.error(error.message);
+    });
+  return Object.assign(server, { [Symbol.asyncDispose]: dispose });
 }
 
 /**
@@ -342,6 +345,16 @@ export class ServerProcess implements AsyncDisposable {
   /** Everything the server printed on stderr so far. */
   get stderr(): string {
     return this.#stderr;
+  }
+
+  /**
+   * Counts the lines of stdout so far that match.
+   *
+   * @param pattern What a line must match (tested against each line).
+   * @returns How many lines do.
+   */
+  count(pattern: RegExp): number {
+    return this.#stdout.split("\n").filter((line) => pattern.test(line)).length;
   }
 
   /** The port from its listening line. */
