@@ -145,12 +145,38 @@ export interface SelectorKey<T = unknown> {
   send(bytes: Uint8Array): void;
 }
 
+/**
+ * One step of the loop, for {@linkcode SelectorOptions.trace}: what a learner
+ * would want to see the loop do.
+ */
+export type TraceEvent =
+  /** select() returned these ready keys (the array is reused: read it at once). */
+  | { step: "select"; ready: readonly ReadyEvent[] }
+  /** run() calls this key's callback with this mask. */
+  | { step: "callback"; key: SelectorKey; mask: number }
+  /** Backpressure: more than the high-water mark is queued, so the key stops reading. */
+  | { step: "pause"; key: SelectorKey }
+  /** Backpressure: the queue is down to the low-water mark, so the key reads again. */
+  | { step: "resume"; key: SelectorKey }
+  /** Fairness: reads are starving, so new reads are throttled until they are served. */
+  | { step: "throttle"; starving: number }
+  /** Fairness: the throttle ends. */
+  | { step: "unthrottle" }
+  /**
+   * Code built on the selector (async_loop.ts) woke a coroutine waiting in
+   * `call` on this key; `result` says what it got: "5 bytes", "EOF", an error,
+   * or the key of the connection it accepted.
+   */
+  | { step: "wake"; key: SelectorKey; call: string; result: string | SelectorKey };
+
 /** Options for {@linkcode Selector}. */
 export interface SelectorOptions {
   /** Queued bytes above which a connection stops reading. @default {65536} */
   highWaterMark?: number;
   /** Queued bytes at or below which it reads again. @default {16384} */
   lowWaterMark?: number;
+  /** Called at each step of the loop, to watch it work; off by default, and then free. */
+  trace?: (event: TraceEvent) => void;
 }
 
 /**
@@ -164,6 +190,8 @@ export class Selector {
   readonly highWaterMark: number;
   /** Queued bytes at or below which it reads again. */
   readonly lowWaterMark: number;
+  /** The trace function of the options, if any; code built on the selector traces through it too. */
+  readonly trace: ((event: TraceEvent) => void) | undefined;
   /** Every registered resource's key: for getKey(), modify(), unregister() and close(). */
   readonly #keys = new Map<Resource, Key>();
   /** What the keys share: the ready list, the wake-up, the water marks. */
@@ -178,10 +206,10 @@ export class Selector {
   /**
    * Creates a selector.
    *
-   * @param options Backpressure thresholds for `send()`.
+   * @param options Backpressure thresholds for `send()`, and a trace function.
    */
   constructor(options: SelectorOptions = {}) {
-    const { highWaterMark = 64 * 1024, lowWaterMark = 16 * 1024 } = options;
+    const { highWaterMark = 64 * 1024, lowWaterMark = 16 * 1024, trace } = options;
     if (!(lowWaterMark >= 0 && highWaterMark >= lowWaterMark)) {
       throw new RangeError(
         `Water marks must satisfy 0 <= low <= high: got low ${lowWaterMark}, high ${highWaterMark}`,
@@ -189,7 +217,8 @@ export class Selector {
     }
     this.highWaterMark = highWaterMark;
     this.lowWaterMark = lowWaterMark;
-    this.#core = new SelectorCore(highWaterMark, lowWaterMark);
+    this.trace = trace;
+    this.#core = new SelectorCore(highWaterMark, lowWaterMark, trace);
   }
 
   /** How many resources are registered. */
@@ -310,6 +339,7 @@ export class Selector {
    */
   async run(): Promise<void> {
     this.#enter();
+    const { trace } = this;
     try {
       while (!this.#closed && this.#keys.size > 0) {
         const waiting = this.#prepare(undefined); // select(), without a promise of its own
@@ -317,7 +347,9 @@ export class Selector {
         const events = this.#collect();
         for (let i = 0; i < events.length; i++) {
           const key = events[i][0] as Key;
-          if (key.registered) key.callback(key, events[i][1]);
+          if (!key.registered) continue;
+          if (trace) trace({ step: "callback", key, mask: events[i][1] });
+          key.callback(key, events[i][1]);
         }
       }
     } finally {
@@ -367,6 +399,7 @@ export class Selector {
   #collect(): ReadyEvent[] {
     const events = this.#core.collect(this.#events);
     this.#core.fairness.check(performance.now()); // fairness
+    if (this.trace) this.trace({ step: "select", ready: events });
     return events;
   }
 
@@ -409,8 +442,10 @@ class SelectorCore {
   readonly highWaterMark: number;
   /** Queued bytes at or below which a paused connection reads again. */
   readonly lowWaterMark: number;
+  /** The selector's trace function, if any: keys report backpressure through it. */
+  readonly trace: ((event: TraceEvent) => void) | undefined;
   /** Decides when reads may start; see §3. */
-  readonly fairness: Fairness = new Fairness(); // fairness
+  readonly fairness: Fairness; // fairness
   /** Keys that may be ready, each once: what the next select() looks at. */
   #ready: Key[] = [];
   /** The previous ready array, swapped in by collect() so that no turn allocates. */
@@ -420,9 +455,15 @@ class SelectorCore {
   /** Resolves the waiting select(), while one waits. */
   #wake: (() => void) | undefined = undefined;
 
-  constructor(highWaterMark: number, lowWaterMark: number) {
+  constructor(
+    highWaterMark: number,
+    lowWaterMark: number,
+    trace: ((event: TraceEvent) => void) | undefined,
+  ) {
     this.highWaterMark = highWaterMark;
     this.lowWaterMark = lowWaterMark;
+    this.trace = trace;
+    this.fairness = new Fairness(trace); // fairness
   }
 
   /** How many keys are on the ready list. */
@@ -743,7 +784,10 @@ class ConnKey extends Key {
     this.#lend(bytes, 1);
     this.#chunks.push(bytes);
     this.#queued += bytes.byteLength;
-    if (this.#queued > this.core.highWaterMark) this.#paused = true;
+    if (this.#queued > this.core.highWaterMark && !this.#paused) {
+      this.#paused = true;
+      this.core.trace?.({ step: "pause", key: this });
+    }
     if (!this.#writing) this.#write();
   }
 
@@ -812,6 +856,7 @@ class ConnKey extends Key {
     }
     if (this.#paused && this.#queued <= this.core.lowWaterMark) {
       this.#paused = false;
+      this.core.trace?.({ step: "resume", key: this });
       this.startNext();
     }
     if (this.#head < this.#chunks.length) return this.#write();
@@ -950,6 +995,8 @@ class Watchlist {
  * and when the selector closes.
  */
 class Fairness {
+  /** The selector's trace function, if any: throttles are reported through it. */
+  readonly #trace: ((event: TraceEvent) => void) | undefined;
   /** performance.now() of the last check(): the start time of the reads begun since. */
   #now = 0;
   /** performance.now() of the next check: once a millisecond is fine enough, and cheap. */
@@ -979,6 +1026,10 @@ class Fairness {
   #seen = -1;
   /** The timer that checks a throttle for a stall. */
   #timer: ReturnType<typeof setTimeout> | undefined = undefined;
+
+  constructor(trace: ((event: TraceEvent) => void) | undefined) {
+    this.#trace = trace;
+  }
 
   /**
    * Admits a read about to start, counting it; while throttling, queues the key
@@ -1054,6 +1105,7 @@ class Fairness {
     this.#deadline = now + THROTTLE_MAX_MS;
     this.#seen = -1;
     this.#timer = setTimeout(this.#tick, 0);
+    this.#trace?.({ step: "throttle", starving: owing });
   }
 
   /** Ends a throttle at once: the selector is closing (its keys, unregistered, start no reads). */
@@ -1103,6 +1155,7 @@ class Fairness {
     this.#owing = 0;
     this.#queued = undefined;
     this.#allowance = 0;
+    this.#trace?.({ step: "unthrottle" });
     for (let i = this.#queuedHead; i < queued.length; i++) queued[i].startNext();
   };
 }

@@ -12,6 +12,7 @@
 
 import { READ, Selector, type SelectorKey, WRITE } from "./loop.ts";
 import { type Flags, parseCommandLine, UsageError, withDefaults } from "./cli.ts";
+import { formatAddr } from "./trace.ts";
 
 /** How much the server prints. */
 export type LogLevel = "quiet" | "info" | "verbose";
@@ -76,13 +77,6 @@ type ClientKey = SelectorKey<Connection>;
 /** The peer's address of a connection's key, for log lines. */
 function peerOf(key: ClientKey): string {
   return formatAddr((key.resource as Deno.Conn).remoteAddr);
-}
-
-/** `host:port`, with brackets for IPv6. */
-function formatAddr(addr: Deno.Addr): string {
-  if (addr.transport !== "tcp") return addr.transport;
-  const host = addr.hostname.includes(":") ? `[${addr.hostname}]` : addr.hostname;
-  return `${host}:${addr.port}`;
 }
 
 /** An error as a short phrase: its Deno class name, or its message. */

@@ -1,0 +1,527 @@
+/**
+ * The lesson's next step: coroutines on the same loop. `await loop.recv(conn)`
+ * instead of a read callback, built the way asyncio builds `loop.sock_recv()`
+ * on its selector: each call registers interest in an event and returns a
+ * promise, and the selector's callback, when the event comes, takes the
+ * result and resolves the promise. The coroutine never sees the selector.
+ *
+ * | asyncio                          | here                                  |
+ * | -------------------------------- | ------------------------------------- |
+ * | `await loop.sock_accept(sock)`   | `await loop.accept(listener)`         |
+ * | `await loop.sock_recv(conn, n)`  | `await loop.recv(conn)` (null at EOF) |
+ * | `await loop.sock_sendall(conn, data)` | `await loop.send(conn, data)`    |
+ * | `await writer.drain()`           | `await loop.drain(conn)`              |
+ * | `asyncio.create_task(coro)`      | `loop.spawn(coro)`                    |
+ * | `loop.run_forever()`, `loop.stop()` | `await loop.run()`, `loop.stop()` |
+ *
+ * `run()` is the selector's `run()`: it ends when `stop()` is called or when
+ * nothing is registered any more, so accept or adopt something before it.
+ *
+ * Nothing here does I/O of its own: every byte goes through loop.ts's send
+ * queue, backpressure and fairness, and every promise is resolved from the
+ * selector's dispatch, so callbacks and coroutines can share one selector.
+ * This file imports only `./loop.ts`: copy both to get both styles.
+ *
+ * Interest follows the waiters, as with asyncio's add_reader/remove_reader:
+ * a connection is registered for READ only while a coroutine waits in
+ * `recv()`, so a ready connection nobody waits for costs nothing, and no read
+ * starts between two `recv()` calls. That is also what keeps the zero-copy
+ * echo safe: the bytes `recv()` gives stay valid until the next `recv()` on
+ * that connection, or until they are written if you `send()` them.
+ *
+ * @example An echo server with coroutines, and one client to try it
+ * ```ts
+ * import { AsyncLoop, type Connection } from "./async_loop.ts";
+ * import { assertEquals } from "@std/assert";
+ *
+ * const loop = new AsyncLoop();
+ *
+ * async function handle(conn: Connection) {
+ *   for (let data; (data = await loop.recv(conn)) !== null;) {
+ *     await loop.send(conn, data); // waits only while the peer does not read
+ *   }
+ *   await loop.close(conn); // writes back what is queued, then closes
+ * }
+ *
+ * async function serve(listener: Deno.Listener) {
+ *   for (;;) loop.spawn(handle(await loop.accept(listener)));
+ * }
+ *
+ * const listener = Deno.listen({ hostname: "127.0.0.1", port: 0 });
+ * loop.spawn(serve(listener));
+ * const running = loop.run();
+ *
+ * // One client: send "hello", say we are done, read the echo until EOF.
+ * const conn = await Deno.connect({ hostname: "127.0.0.1", port: listener.addr.port });
+ * await conn.write(new TextEncoder().encode("hello"));
+ * await conn.closeWrite();
+ * const reply = new Uint8Array(64);
+ * let got = 0;
+ * for (let n; (n = await conn.read(reply.subarray(got))) !== null;) got += n;
+ * conn.close();
+ * assertEquals(new TextDecoder().decode(reply.subarray(0, got)), "hello");
+ *
+ * loop.stop(); // closes the listener: the waiting accept() is interrupted
+ * await running;
+ * ```
+ *
+ * @module
+ */
+
+import { READ, Selector, type SelectorKey, WRITE } from "./loop.ts";
+
+/** A connection served by coroutines: pass it to the loop's recv(), send() and close(). */
+export interface Connection<T = unknown> {
+  /** The Deno connection, for its addresses and options (do not read or write it directly). */
+  readonly resource: Deno.Conn;
+  /** Bytes queued by send() and not yet written. */
+  readonly queued: number;
+  /** The error that ended the connection, if one did (a reset, a broken pipe...). */
+  readonly error: Error | undefined;
+  /** Anything you attach to the connection. */
+  data: T;
+}
+
+/** Options for {@linkcode AsyncLoop}. */
+export interface AsyncLoopOptions {
+  /** The selector to run on, shared with callback code if you like. @default {new Selector()} */
+  selector?: Selector;
+  /**
+   * What to do with an error a spawned coroutine threw. @default prints it on stderr
+   */
+  onError?: (error: unknown) => void;
+}
+
+/** One promise for every send() that need not wait: no allocation per call. */
+const SENT = Promise.resolve();
+
+/** The selector callback of every connection and listener: the loop's side of each await. */
+function dispatch(key: SelectorKey<Waiters>, mask: number): void {
+  key.data.ready(mask);
+}
+
+/** What waits on one registered resource, and the interest that follows it. */
+abstract class Waiters {
+  /** The key in the selector; its data is this object. */
+  key!: SelectorKey<Waiters>;
+  /** The interest registered now: changed only when it differs, to save a modify(). */
+  #events = 0;
+  /** False once closed or aborted: nothing may wait on it any more. */
+  open = true;
+  readonly selector: Selector;
+
+  constructor(selector: Selector) {
+    this.selector = selector;
+  }
+
+  /** Called by the selector's dispatch with the ready events. */
+  abstract ready(mask: number): void;
+  /** The events some coroutine waits for now. */
+  abstract wanted(): number;
+  /** Rejects every waiting coroutine with `error`. */
+  abstract rejectAll(error: Error): void;
+
+  /** Traces the wake-up of a coroutine waiting in `call` (when tracing is on). */
+  traceWake(call: string, result: unknown): void {
+    const { trace } = this.selector;
+    if (!trace) return;
+    const shown = result === null
+      ? "EOF"
+      : result instanceof Uint8Array
+      ? `${result.length} bytes`
+      : result instanceof Error
+      ? `${result.name}: ${result.message}`
+      : result instanceof ConnectionWaiters
+      ? result.key
+      : String(result);
+    trace({ step: "wake", key: this.key, call, result: shown });
+  }
+
+  /** Registers interest in exactly the events waited for. */
+  follow(): void {
+    if (!this.open) return; // unregistered, or about to be
+    const events = this.wanted();
+    if (events === this.#events) return;
+    this.#events = events;
+    this.selector.modify(this.key.resource, events);
+  }
+}
+
+/** A listener's waiters: at most one accept() at a time. */
+class ListenerWaiters extends Waiters {
+  #waiting = false;
+  #resolve: (conn: Connection) => void = () => {};
+  #reject: (error: Error) => void = () => {};
+  readonly #wait = (resolve: (conn: Connection) => void, reject: (error: Error) => void) => {
+    this.#resolve = resolve;
+    this.#reject = reject;
+  };
+  /** Makes the connections it accepts. */
+  readonly #adopt: (conn: Deno.Conn) => Connection;
+
+  constructor(selector: Selector, adopt: (conn: Deno.Conn) => Connection) {
+    super(selector);
+    this.#adopt = adopt;
+  }
+
+  accept(): Promise<Connection> {
+    if (this.#waiting) {
+      return Promise.reject(new Error("accept() is already waiting on this listener"));
+    }
+    const accepted = new Promise(this.#wait);
+    this.#waiting = true;
+    this.follow();
+    return accepted;
+  }
+
+  wanted(): number {
+    return this.#waiting ? READ : 0;
+  }
+
+  ready(_mask: number): void {
+    this.#waiting = false;
+    this.follow();
+    let conn: Deno.Conn;
+    try {
+      conn = this.key.accept(); // should be ready
+    } catch (error) {
+      this.traceWake("accept", error);
+      return this.#reject(error as Error);
+    }
+    const connection = this.#adopt(conn);
+    this.traceWake("accept", connection);
+    this.#resolve(connection);
+  }
+
+  rejectAll(error: Error): void {
+    if (!this.#waiting) return;
+    this.#waiting = false;
+    this.#reject(error);
+  }
+}
+
+/** A connection's waiters: at most one recv(), and any number of sends waiting for the queue to drain. */
+class ConnectionWaiters extends Waiters implements Connection {
+  data: unknown = undefined;
+  #receiving = false;
+  #resolveRecv: (data: Uint8Array | null) => void = () => {};
+  #rejectRecv: (error: Error) => void = () => {};
+  readonly #waitRecv = (
+    resolve: (data: Uint8Array | null) => void,
+    reject: (error: Error) => void,
+  ) => {
+    this.#resolveRecv = resolve;
+    this.#rejectRecv = reject;
+  };
+  /** The promise every send() or drain() waiting for the queue to empty shares, if any. */
+  #drain: Promise<void> | undefined = undefined;
+  #resolveDrain: () => void = () => {};
+  #rejectDrain: (error: Error) => void = () => {};
+  readonly #waitDrain = (resolve: () => void, reject: (error: Error) => void) => {
+    this.#resolveDrain = resolve;
+    this.#rejectDrain = reject;
+  };
+
+  get resource(): Deno.Conn {
+    return this.key.resource as Deno.Conn;
+  }
+
+  get queued(): number {
+    return this.key.queued;
+  }
+
+  get error(): Error | undefined {
+    return this.key.error;
+  }
+
+  recv(): Promise<Uint8Array | null> {
+    if (!this.open) return Promise.reject(closedError("recv()"));
+    if (this.#receiving) {
+      return Promise.reject(new Error("recv() is already waiting on this connection"));
+    }
+    const received = new Promise(this.#waitRecv);
+    this.#receiving = true;
+    this.follow();
+    return received;
+  }
+
+  send(bytes: Uint8Array): Promise<void> {
+    if (!this.open) return Promise.reject(closedError("send()"));
+    try {
+      this.key.send(bytes);
+    } catch (error) {
+      return Promise.reject(error);
+    }
+    return this.key.queued > this.selector.highWaterMark ? this.drain() : SENT;
+  }
+
+  drain(): Promise<void> {
+    if (!this.open) return Promise.reject(closedError("drain()"));
+    if (this.key.error) return Promise.reject(this.key.error);
+    if (this.key.queued === 0) return SENT;
+    if (this.#drain) return this.#drain; // several may wait for the same queue
+    this.#drain = new Promise<void>(this.#waitDrain);
+    this.#drain.catch(() => {}); // a send() nobody awaits must not end the process if it fails
+    this.follow();
+    return this.#drain;
+  }
+
+  wanted(): number {
+    return (this.#receiving ? READ : 0) | (this.#drain ? WRITE : 0);
+  }
+
+  ready(mask: number): void {
+    if (this.#receiving && mask & READ) this.#received();
+    if (this.#drain && mask & WRITE) this.#drained();
+  }
+
+  #received(): void {
+    this.#receiving = false;
+    this.follow(); // no read starts before the next recv(): the bytes stay valid
+    let data: Uint8Array | null;
+    try {
+      data = this.key.recv(); // should be ready
+    } catch (error) {
+      this.traceWake("recv", error);
+      return this.#rejectRecv(error as Error);
+    }
+    this.traceWake("recv", data);
+    this.#resolveRecv(data);
+  }
+
+  #drained(): void {
+    this.#drain = undefined;
+    this.follow();
+    const { error } = this.key;
+    this.traceWake("send", error ?? "written");
+    if (error) this.#rejectDrain(error);
+    else this.#resolveDrain();
+  }
+
+  /** Rejects a waiting recv() with `error`. */
+  rejectRecv(error: Error): void {
+    if (!this.#receiving) return;
+    this.#receiving = false;
+    this.#rejectRecv(error);
+    this.follow();
+  }
+
+  rejectAll(error: Error): void {
+    this.rejectRecv(error);
+    if (!this.#drain) return;
+    this.#drain = undefined;
+    this.#rejectDrain(error);
+    this.follow();
+  }
+}
+
+function closedError(call: string): Error {
+  return new Deno.errors.BadResource(`${call} on a closed connection`);
+}
+
+function interrupted(why: string): Error {
+  return new Deno.errors.Interrupted(why);
+}
+
+/**
+ * Coroutines on a {@linkcode Selector}: promise-returning accept, recv and
+ * send, resolved from the selector's dispatch. See the module documentation.
+ */
+export class AsyncLoop {
+  /** The selector it runs on. */
+  readonly selector: Selector;
+  /** Every registered resource's waiters, to reject them when the loop stops. */
+  readonly #registered = new Set<Waiters>();
+  /** What handles a spawned coroutine's error. */
+  readonly #onError: (error: unknown) => void;
+  /** True once stop() was called or run() ended. */
+  #stopped = false;
+
+  /**
+   * Creates a loop.
+   *
+   * @param options The selector to share, and an error handler for spawned coroutines.
+   */
+  constructor(options: AsyncLoopOptions = {}) {
+    this.selector = options.selector ?? new Selector();
+    this.#onError = options.onError ??
+      ((error) => console.error(`a coroutine failed: ${error}`));
+  }
+
+  /**
+   * Waits for a connection on a listener (asyncio's `loop.sock_accept`).
+   *
+   * @param listener The listener; registered with the selector on first use.
+   * @returns The accepted connection, registered too.
+   * @throws What accepting failed with (e.g. "Too many open files": call again,
+   *   loop.ts backs off); `Deno.errors.Interrupted` when the loop stops.
+   */
+  accept(listener: Deno.Listener): Promise<Connection> {
+    let waiters = this.selector.getKey(listener)?.data as ListenerWaiters | undefined;
+    if (!waiters) {
+      if (this.#stopped) return Promise.reject(interrupted("the loop is stopped"));
+      waiters = new ListenerWaiters(this.selector, this.#adopt);
+      this.#register(waiters, listener);
+    }
+    return waiters.accept();
+  }
+
+  /**
+   * Registers a connection that was not accepted by this loop, e.g. from `Deno.connect()`.
+   *
+   * @param conn The connection.
+   * @returns It, ready for recv() and send().
+   */
+  adopt(conn: Deno.Conn): Connection {
+    return this.#adopt(conn);
+  }
+
+  /**
+   * Waits for bytes (asyncio's `loop.sock_recv`). They stay valid until the
+   * next recv() on this connection, or until written if you send() them; use
+   * `slice()` to keep them longer.
+   *
+   * @param conn The connection.
+   * @returns The bytes, or `null` once the peer has finished sending (EOF).
+   * @throws The error the connection failed with (`Deno.errors.ConnectionReset`...);
+   *   `Deno.errors.Interrupted` if it is closed or interrupted meanwhile, or the loop stops;
+   *   an Error if another recv() already waits on it.
+   */
+  recv(conn: Connection): Promise<Uint8Array | null> {
+    return (conn as ConnectionWaiters).recv();
+  }
+
+  /**
+   * Queues bytes to be written, every one, in order (asyncio's
+   * `loop.sock_sendall`). Resolves at once while the connection's queue is
+   * within the high-water mark; otherwise waits until the queue is written.
+   * Do not modify the bytes until they are written.
+   *
+   * @param conn The connection.
+   * @param bytes The bytes.
+   * @throws The error the connection failed with; `Deno.errors.Interrupted` as for recv().
+   */
+  send(conn: Connection, bytes: Uint8Array): Promise<void> {
+    return (conn as ConnectionWaiters).send(bytes);
+  }
+
+  /**
+   * Waits until everything queued on the connection is written (asyncio's `writer.drain()`).
+   *
+   * @param conn The connection.
+   * @throws The error the connection failed with; `Deno.errors.Interrupted` as for recv().
+   */
+  drain(conn: Connection): Promise<void> {
+    return (conn as ConnectionWaiters).drain();
+  }
+
+  /**
+   * Rejects what waits on a connection (recv, send, drain) with
+   * `Deno.errors.Interrupted`; the connection stays open.
+   *
+   * @param conn The connection.
+   */
+  interrupt(conn: Connection): void {
+    (conn as ConnectionWaiters).rejectAll(interrupted("interrupted"));
+  }
+
+  /**
+   * Writes back what is queued, then closes the connection. A recv() another
+   * coroutine waits in is interrupted; a waiting send() resolves once its
+   * bytes are written, as it would have.
+   *
+   * @param conn The connection.
+   */
+  async close(conn: Connection): Promise<void> {
+    const waiters = conn as ConnectionWaiters;
+    if (!waiters.open) return;
+    waiters.rejectRecv(interrupted("the connection is closing"));
+    try {
+      await waiters.drain();
+    } catch {
+      // nothing more can be written: close anyway
+    }
+    this.abort(conn);
+  }
+
+  /**
+   * Closes a connection now, dropping what is queued, or a listener; what
+   * waits on it is interrupted.
+   *
+   * @param conn The connection or listener.
+   */
+  abort(conn: Connection | Deno.Listener): void {
+    const waiters = "data" in conn
+      ? conn as ConnectionWaiters
+      : this.selector.getKey(conn)?.data as Waiters | undefined;
+    const resource = waiters?.key.resource ?? conn as Deno.Listener;
+    if (waiters?.open) {
+      waiters.open = false;
+      waiters.rejectAll(interrupted("closed"));
+      this.#registered.delete(waiters);
+      this.selector.unregister(resource);
+    }
+    try {
+      resource.close();
+    } catch {
+      // already closed
+    }
+  }
+
+  /**
+   * Runs a coroutine in the background (asyncio's `create_task`). An error it
+   * throws goes to the loop's error handler, never to the top level, where it
+   * would end the process; an Interrupted error after stop() is its normal end.
+   *
+   * @param task The coroutine, already started: `loop.spawn(handle(conn))`.
+   */
+  spawn(task: Promise<unknown>): void {
+    task.catch(this.#failed);
+  }
+
+  /**
+   * Runs the selector's loop (asyncio's `run_forever`) until stop() is called
+   * or nothing is registered any more; then interrupts every coroutine still waiting.
+   *
+   * @returns A promise that settles when the loop ends.
+   */
+  async run(): Promise<void> {
+    try {
+      await this.selector.run();
+    } finally {
+      this.#stopAll();
+    }
+  }
+
+  /** Stops the loop: closes the selector and every resource on it, and interrupts every waiter. */
+  stop(): void {
+    this.selector.close();
+    this.#stopAll();
+  }
+
+  #stopAll(): void {
+    this.#stopped = true;
+    const error = interrupted("the loop is stopped");
+    for (const waiters of this.#registered) {
+      waiters.open = false;
+      waiters.rejectAll(error);
+    }
+    this.#registered.clear();
+  }
+
+  #register(waiters: Waiters, resource: Deno.Conn | Deno.Listener): void {
+    waiters.key = this.selector.register(resource, 0, dispatch, waiters);
+    this.#registered.add(waiters);
+  }
+
+  readonly #adopt = (conn: Deno.Conn): Connection => {
+    const waiters = new ConnectionWaiters(this.selector);
+    this.#register(waiters, conn);
+    return waiters;
+  };
+
+  readonly #failed = (error: unknown): void => {
+    if (this.#stopped && error instanceof Deno.errors.Interrupted) return;
+    this.#onError(error);
+  };
+}
