@@ -22,12 +22,15 @@
  * selector's dispatch, so callbacks and coroutines can share one selector.
  * This file imports only `./loop.ts`: copy both to get both styles.
  *
- * Interest follows the waiters, as with asyncio's add_reader/remove_reader:
- * a connection is registered for READ only while a coroutine waits in
- * `recv()`, so a ready connection nobody waits for costs nothing, and no read
- * starts between two `recv()` calls. That is also what keeps the zero-copy
- * echo safe: the bytes `recv()` gives stay valid until the next `recv()` on
- * that connection, or until they are written if you `send()` them.
+ * Interest follows the waiters, as with asyncio's add_reader/remove_reader,
+ * so a ready resource nobody waits for costs nothing. One refinement keeps it
+ * cheap: the bytes `recv()` gives are the read buffer itself, and the loop
+ * retains them (`key.retain()`) until the next `recv()` on that connection, so
+ * no read starts, and no event can come, in between. That keeps them valid
+ * (or until they are written, if you `send()` them), and lets READ interest
+ * stay on from one `recv()` to the next instead of being dropped and
+ * registered again on every message. It goes after EOF, an error or an
+ * interrupted wait.
  *
  * @example An echo server with coroutines, and one client to try it
  * ```ts
@@ -121,10 +124,9 @@ abstract class Waiters {
   /** Rejects every waiting coroutine with `error`. */
   abstract rejectAll(error: Error): void;
 
-  /** Traces the wake-up of a coroutine waiting in `call` (when tracing is on). */
+  /** Traces the wake-up of a coroutine waiting in `call`; call it only when tracing is on. */
   traceWake(call: string, result: unknown): void {
-    const { trace } = this.selector;
-    if (!trace) return;
+    const trace = this.selector.trace!;
     const shown = result === null
       ? "EOF"
       : result instanceof Uint8Array
@@ -185,11 +187,11 @@ class ListenerWaiters extends Waiters {
     try {
       conn = this.key.accept(); // should be ready
     } catch (error) {
-      this.traceWake("accept", error);
+      if (this.selector.trace) this.traceWake("accept", error);
       return this.#reject(error as Error);
     }
     const connection = this.#adopt(conn);
-    this.traceWake("accept", connection);
+    if (this.selector.trace) this.traceWake("accept", connection);
     this.#resolve(connection);
   }
 
@@ -203,7 +205,10 @@ class ListenerWaiters extends Waiters {
 /** A connection's waiters: at most one recv(), and any number of sends waiting for the queue to drain. */
 class ConnectionWaiters extends Waiters implements Connection {
   data: unknown = undefined;
+  /** True while a recv() waits. */
   #receiving = false;
+  /** True after a recv() got bytes: the next one is due, and READ interest stays. */
+  #expecting = false;
   #resolveRecv: (data: Uint8Array | null) => void = () => {};
   #rejectRecv: (error: Error) => void = () => {};
   readonly #waitRecv = (
@@ -241,6 +246,7 @@ class ConnectionWaiters extends Waiters implements Connection {
     }
     const received = new Promise(this.#waitRecv);
     this.#receiving = true;
+    this.key.release(); // the bytes of the last recv() may be overwritten now
     this.follow();
     return received;
   }
@@ -266,8 +272,14 @@ class ConnectionWaiters extends Waiters implements Connection {
     return this.#drain;
   }
 
+  /**
+   * READ while a recv() waits, and also after it got bytes, when the next
+   * recv() is due: those bytes are retained, so no read can start (and no
+   * event come) before that recv(). After EOF or an error, and once waits are
+   * interrupted, READ goes, since those stay ready and nobody may ask again.
+   */
   wanted(): number {
-    return (this.#receiving ? READ : 0) | (this.#drain ? WRITE : 0);
+    return (this.#receiving || this.#expecting ? READ : 0) | (this.#drain ? WRITE : 0);
   }
 
   ready(mask: number): void {
@@ -277,15 +289,19 @@ class ConnectionWaiters extends Waiters implements Connection {
 
   #received(): void {
     this.#receiving = false;
-    this.follow(); // no read starts before the next recv(): the bytes stay valid
     let data: Uint8Array | null;
     try {
       data = this.key.recv(); // should be ready
     } catch (error) {
-      this.traceWake("recv", error);
+      this.#expecting = false;
+      this.follow();
+      if (this.selector.trace) this.traceWake("recv", error);
       return this.#rejectRecv(error as Error);
     }
-    this.traceWake("recv", data);
+    if (data) this.key.retain(); // no read into them before the next recv(): they stay valid
+    this.#expecting = data !== null;
+    this.follow();
+    if (this.selector.trace) this.traceWake("recv", data);
     this.#resolveRecv(data);
   }
 
@@ -293,16 +309,18 @@ class ConnectionWaiters extends Waiters implements Connection {
     this.#drain = undefined;
     this.follow();
     const { error } = this.key;
-    this.traceWake("send", error ?? "written");
+    if (this.selector.trace) this.traceWake("send", error ?? "written");
     if (error) this.#rejectDrain(error);
     else this.#resolveDrain();
   }
 
   /** Rejects a waiting recv() with `error`. */
   rejectRecv(error: Error): void {
-    if (!this.#receiving) return;
-    this.#receiving = false;
-    this.#rejectRecv(error);
+    this.#expecting = false;
+    if (this.#receiving) {
+      this.#receiving = false;
+      this.#rejectRecv(error);
+    }
     this.follow();
   }
 

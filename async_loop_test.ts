@@ -88,7 +88,13 @@ Deno.test("a ready connection nobody waits on does not make the loop turn, and k
   await delay(300);
   assertLessOrEqual(turns - before, 1, "the loop kept turning with nobody waiting");
   assertEquals(new TextDecoder().decode((await deadline(loop.recv(conn), "the bytes"))!), "later");
+  // EOF stays readable, as on a socket: once it is taken, it must not keep the loop turning.
   peer.close();
+  assertEquals(await deadline(loop.recv(conn), "EOF"), null);
+  const atEof = turns;
+  await delay(300);
+  assertLessOrEqual(turns - atEof, 1, "the loop kept turning after EOF with nobody waiting");
+  assertEquals(await deadline(loop.recv(conn), "EOF again"), null);
 });
 
 Deno.test("recv() resolves null at EOF, and again after", async () => {

@@ -16,6 +16,7 @@ import {
   runScript,
   serveForTest,
   ServerProcess,
+  testEachStyle,
   waitUntil,
   writeAll,
 } from "./testing/helpers.ts";
@@ -27,253 +28,293 @@ async function timed(fn: () => Promise<unknown>): Promise<number> {
   return performance.now() - start;
 }
 
-Deno.test("a peer that writes without reading: the server queues at most 64 KiB and a read buffer, its memory stays flat, and the peer then gets every byte", async () => {
-  await using server = serveForTest();
-  const conn = await connect(server.addr.port);
-  await roundTrip(conn, pattern(100_000)); // warm up
-  const payload = pattern(64 << 20, 9);
-  const before = await processUsage();
-  // Push until the kernel buffers on both sides are full and the writes stall.
-  let sent = 0;
-  const writing = (async () => {
-    while (sent < payload.length) sent += await conn.write(payload.subarray(sent));
-  })();
-  let maxQueued = 0;
-  let stalledAt = -1;
-  await waitUntil(() => {
-    maxQueued = Math.max(maxQueued, server.stats.queued);
-    const stalled = sent === stalledAt && sent > 0;
-    stalledAt = sent;
-    return stalled;
-  }, "the peer's writes to stall");
-  const during = await processUsage();
-  assert(sent >= 4 << 20, `only ${sent} bytes went out before the writes stalled`);
-  assert(server.stats.bytes < payload.length, "the server read everything without writing back");
-  assertLessOrEqual(maxQueued, 64 * 1024 + 64 * 1024, "queued beyond the high-water mark");
-  assertLessOrEqual(during.rssKiB - before.rssKiB, 8 * 1024, "memory grew with the input");
-  // Now read: everything comes back, in order.
-  const [echoed] = await Promise.all([readAll(conn, payload.length), writing]);
-  assertEquals(echoed, payload);
-  conn.close();
-});
+testEachStyle(
+  "a peer that writes without reading: the server queues at most 64 KiB and a read buffer, its memory stays flat, and the peer then gets every byte",
+  async (style) => {
+    await using server = serveForTest({ style });
+    const conn = await connect(server.addr.port);
+    await roundTrip(conn, pattern(100_000)); // warm up
+    const payload = pattern(64 << 20, 9);
+    const before = await processUsage();
+    // Push until the kernel buffers on both sides are full and the writes stall.
+    let sent = 0;
+    const writing = (async () => {
+      while (sent < payload.length) sent += await conn.write(payload.subarray(sent));
+    })();
+    let maxQueued = 0;
+    let stalledAt = -1;
+    await waitUntil(() => {
+      maxQueued = Math.max(maxQueued, server.stats.queued);
+      const stalled = sent === stalledAt && sent > 0;
+      stalledAt = sent;
+      return stalled;
+    }, "the peer's writes to stall");
+    const during = await processUsage();
+    assert(sent >= 4 << 20, `only ${sent} bytes went out before the writes stalled`);
+    assert(server.stats.bytes < payload.length, "the server read everything without writing back");
+    assertLessOrEqual(maxQueued, 64 * 1024 + 64 * 1024, "queued beyond the high-water mark");
+    assertLessOrEqual(during.rssKiB - before.rssKiB, 8 * 1024, "memory grew with the input");
+    // Now read: everything comes back, in order.
+    const [echoed] = await Promise.all([readAll(conn, payload.length), writing]);
+    assertEquals(echoed, payload);
+    conn.close();
+  },
+);
 
-Deno.test("idle connections cost about 8 KiB each and do not hold up other clients", async () => {
-  await using server = await ServerProcess.start(["--port", "0"]);
-  const quiet: Deno.TcpConn[] = [];
-  const openQuiet = async (count: number) => {
-    for (let i = 0; i < count; i++) {
-      const conn = await connect(server.port);
-      await conn.write(new Uint8Array([1])); // read once, then silent
-      quiet.push(conn);
+testEachStyle(
+  "idle connections cost about 8 KiB each and do not hold up other clients",
+  async (style) => {
+    await using server = await ServerProcess.start(["--port", "0"], { style });
+    const quiet: Deno.TcpConn[] = [];
+    const openQuiet = async (count: number) => {
+      for (let i = 0; i < count; i++) {
+        const conn = await connect(server.port);
+        await conn.write(new Uint8Array([1])); // read once, then silent
+        quiet.push(conn);
+      }
+      await waitUntil(
+        () => server.count(/ connected$/) === quiet.length,
+        "the server to accept them",
+      );
+      await delay(200);
+    };
+    try {
+      // The first thousand grow the heap once; the next two thousand show the cost of each.
+      await openQuiet(1000);
+      const before = await processUsage(server.pid);
+      await openQuiet(2000);
+      const after = await processUsage(server.pid);
+      const perConnection = (after.rssKiB - before.rssKiB) / 2000;
+      assertLessOrEqual(perConnection, 12, `an idle connection costs ${perConnection} KiB`);
+      const results = await runClients({ port: server.port, count: 20 });
+      assertEquals(results.filter((result) => !result.ok), []);
+      const slowest = Math.max(...results.map((result) => result.ms));
+      assertLessOrEqual(slowest, 2000, `a client waited ${slowest} ms behind the idle connections`);
+    } finally {
+      for (const conn of quiet) conn.close();
     }
-    await waitUntil(
-      () => server.count(/ connected$/) === quiet.length,
-      "the server to accept them",
+  },
+);
+
+testEachStyle(
+  "600 connections at full speed are served fairly: Jain index and p99.9 latency bounded, every byte exact",
+  async (style) => {
+    // More reads are ready at once than Deno serves per turn: without loop.ts's
+    // fairness (§3) some connections wait hundreds of milliseconds (Jain 0.75-0.87,
+    // p99.9 300-700 ms here); with it, Jain 0.98-0.99 and p99.9 50-100 ms.
+    await using server = serveForTest({ style });
+    const args = ["--port", `${server.addr.port}`, "--count", "600", "--duration", "2"];
+    const load = await runScript("client.ts", args);
+    assertEquals(load.code, 0, load.stdout + load.stderr);
+    const figures = load.stdout.match(/p99\.9 ([\d.]+); fairness \(Jain\) ([\d.]+)/);
+    assert(figures, load.stdout);
+    const [p999, jain] = [Number(figures[1]), Number(figures[2])];
+    assertGreater(jain, 0.95, `unfair: Jain index ${jain}, p99.9 ${p999} ms`);
+    assertLessOrEqual(p999, 250, `some connections waited: p99.9 ${p999} ms, Jain ${jain}`);
+  },
+);
+
+testEachStyle(
+  "--idle-timeout closes connections that send nothing, or stop reading their echo, and only those",
+  async (style) => {
+    await using server = serveForTest({ style, idleTimeout: 300 });
+    const { port } = server.addr;
+    const idle = await connect(port);
+    const busy = await connect(port);
+    const deaf = await connect(port); // sends without reading, until the server stops reading it
+    const start = performance.now();
+    const closedAt = (conn: Deno.Conn, limit?: number) =>
+      readAll(conn, limit).then(() => performance.now() - start);
+    const idleClosed = closedAt(idle); // EOF when the server closes it
+    // The deaf peer's writes fail once the server closes it (a reset: its input was unread).
+    const deafClosed = writeAll(deaf, pattern(16 << 20)).then(
+      () => Infinity,
+      () => performance.now() - start,
     );
-    await delay(200);
-  };
-  try {
-    // The first thousand grow the heap once; the next two thousand show the cost of each.
-    await openQuiet(1000);
+    for (let i = 0; i < 10; i++) { // 1 s of activity, every 100 ms
+      await roundTrip(busy, new Uint8Array([i]));
+      await delay(100);
+    }
+    for (const [name, closed] of [["idle", idleClosed], ["deaf", deafClosed]] as const) {
+      const after = await deadline(closed, `the ${name} connection to be closed`, 1000);
+      assert(after >= 300 && after < 1000, `the ${name} connection was closed after ${after} ms`);
+    }
+    assertEquals(server.stats.open, 1);
+    await roundTrip(busy, pattern(10)); // still served
+    for (const conn of [idle, busy, deaf]) conn.close();
+  },
+);
+
+testEachStyle(
+  "--max-conns: the next connection waits in the backlog and is served once one closes",
+  async (style) => {
+    await using server = serveForTest({ style, maxConns: 5 });
+    const { port } = server.addr;
+    const first = await Promise.all(Array.from({ length: 5 }, () => connect(port)));
+    for (const conn of first) await roundTrip(conn, pattern(10));
+    const waiting = await connect(port); // the kernel completes the handshake
+    await writeAll(waiting, pattern(10, 1));
+    const echo = readAll(waiting, 10);
+    let served = false;
+    echo.then(() => served = true, () => {});
+    await delay(300);
+    assertEquals(server.stats.open, 5);
+    for (const conn of first) await roundTrip(conn, pattern(10, 2)); // the others are unaffected
+    assert(!served, "the sixth connection was served while five were open");
+    first[0].close();
+    const took = await timed(async () => assertEquals(await echo, pattern(10, 1)));
+    assertLessOrEqual(took, 1000, `served ${took} ms after a place came free`);
+    for (const conn of [...first.slice(1), waiting]) conn.close();
+  },
+);
+
+testEachStyle(
+  "out of file descriptors: one log line, no busy loop, accepting again once some close",
+  async (style) => {
+    // Deno itself holds about 24 descriptors: 64 leaves room for about 40 connections.
+    await using server = await ServerProcess.start(["--port", "0"], {
+      shell: "ulimit -n 64",
+      style,
+    });
+    const held = [];
+    for (let i = 0; i < 60; i++) held.push(await connect(server.port));
+    await waitUntil(() => /out of file descriptors/.test(server.stderr), "the EMFILE log line");
     const before = await processUsage(server.pid);
-    await openQuiet(2000);
+    await delay(1000);
     const after = await processUsage(server.pid);
-    const perConnection = (after.rssKiB - before.rssKiB) / 2000;
-    assertLessOrEqual(perConnection, 12, `an idle connection costs ${perConnection} KiB`);
+    assertLessOrEqual(after.cpuMs - before.cpuMs, 300, "the server spun while out of descriptors");
+    for (const conn of held.splice(0, 30)) conn.close();
+    const [result] = await runClients({ port: server.port, count: 1, timeout: 2000 });
+    assert(result.ok, result.error);
+    await waitUntil(() => /accepting again/.test(server.stderr), "the recovery log line");
+    for (const conn of held) conn.close();
+    const { code, stderr } = await server.stop("SIGTERM");
+    assertEquals(code, 0);
+    assertEquals(stderr.match(/out of file descriptors/g)?.length, 1, stderr);
+  },
+);
+
+testEachStyle(
+  "hundreds of peers that reset mid-echo cost one log line each and disturb no one",
+  async (style) => {
+    await using server = await ServerProcess.start(["--port", "0"], { style });
+    const steady = await connect(server.port);
+    await roundTrip(steady, pattern(1000));
+    // While 300 peers send 200 KB each and vanish with their echo unread (the
+    // server is writing to them when the resets arrive), one client streams.
+    const [took] = await Promise.all([
+      timed(async () => {
+        for (let i = 0; i < 20; i++) await roundTrip(steady, pattern(50_000, i));
+      }),
+      resetStorm(server.port, 300, 200_000),
+    ]);
+    assertLessOrEqual(took, 3000, `the steady client's 20 round trips took ${took} ms`);
+    await waitUntil(
+      () => (server.stdout.match(/ closed/g)?.length ?? 0) >= 300,
+      "a close line for each reset peer",
+    );
     const results = await runClients({ port: server.port, count: 20 });
     assertEquals(results.filter((result) => !result.ok), []);
-    const slowest = Math.max(...results.map((result) => result.ms));
-    assertLessOrEqual(slowest, 2000, `a client waited ${slowest} ms behind the idle connections`);
-  } finally {
-    for (const conn of quiet) conn.close();
-  }
-});
+    steady.close();
+    const { code, stdout, stderr } = await server.stop("SIGTERM");
+    assertEquals([code, stderr], [0, ""]);
+    const closes = stdout.match(/^\S+ closed.*$/gm) ?? [];
+    assertEquals(closes.length, 321);
+    const peers = closes.map((line) => line.split(" ")[0]);
+    assertEquals(new Set(peers).size, 321, "a connection was logged closed twice");
+  },
+);
 
-Deno.test("600 connections at full speed are served fairly: Jain index and p99.9 latency bounded, every byte exact", async () => {
-  // More reads are ready at once than Deno serves per turn: without loop.ts's
-  // fairness (§3) some connections wait hundreds of milliseconds (Jain 0.75-0.87,
-  // p99.9 300-700 ms here); with it, Jain 0.98-0.99 and p99.9 50-100 ms.
-  await using server = serveForTest();
-  const args = ["--port", `${server.addr.port}`, "--count", "600", "--duration", "2"];
-  const load = await runScript("client.ts", args);
-  assertEquals(load.code, 0, load.stdout + load.stderr);
-  const figures = load.stdout.match(/p99\.9 ([\d.]+); fairness \(Jain\) ([\d.]+)/);
-  assert(figures, load.stdout);
-  const [p999, jain] = [Number(figures[1]), Number(figures[2])];
-  assertGreater(jain, 0.95, `unfair: Jain index ${jain}, p99.9 ${p999} ms`);
-  assertLessOrEqual(p999, 250, `some connections waited: p99.9 ${p999} ms, Jain ${jain}`);
-});
-
-Deno.test("--idle-timeout closes connections that send nothing, or stop reading their echo, and only those", async () => {
-  await using server = serveForTest({ idleTimeout: 300 });
-  const { port } = server.addr;
-  const idle = await connect(port);
-  const busy = await connect(port);
-  const deaf = await connect(port); // sends without reading, until the server stops reading it
-  const start = performance.now();
-  const closedAt = (conn: Deno.Conn, limit?: number) =>
-    readAll(conn, limit).then(() => performance.now() - start);
-  const idleClosed = closedAt(idle); // EOF when the server closes it
-  // The deaf peer's writes fail once the server closes it (a reset: its input was unread).
-  const deafClosed = writeAll(deaf, pattern(16 << 20)).then(
-    () => Infinity,
-    () => performance.now() - start,
-  );
-  for (let i = 0; i < 10; i++) { // 1 s of activity, every 100 ms
-    await roundTrip(busy, new Uint8Array([i]));
-    await delay(100);
-  }
-  for (const [name, closed] of [["idle", idleClosed], ["deaf", deafClosed]] as const) {
-    const after = await deadline(closed, `the ${name} connection to be closed`, 1000);
-    assert(after >= 300 && after < 1000, `the ${name} connection was closed after ${after} ms`);
-  }
-  assertEquals(server.stats.open, 1);
-  await roundTrip(busy, pattern(10)); // still served
-  for (const conn of [idle, busy, deaf]) conn.close();
-});
-
-Deno.test("--max-conns: the next connection waits in the backlog and is served once one closes", async () => {
-  await using server = serveForTest({ maxConns: 5 });
-  const { port } = server.addr;
-  const first = await Promise.all(Array.from({ length: 5 }, () => connect(port)));
-  for (const conn of first) await roundTrip(conn, pattern(10));
-  const waiting = await connect(port); // the kernel completes the handshake
-  await writeAll(waiting, pattern(10, 1));
-  const echo = readAll(waiting, 10);
-  let served = false;
-  echo.then(() => served = true, () => {});
-  await delay(300);
-  assertEquals(server.stats.open, 5);
-  for (const conn of first) await roundTrip(conn, pattern(10, 2)); // the others are unaffected
-  assert(!served, "the sixth connection was served while five were open");
-  first[0].close();
-  const took = await timed(async () => assertEquals(await echo, pattern(10, 1)));
-  assertLessOrEqual(took, 1000, `served ${took} ms after a place came free`);
-  for (const conn of [...first.slice(1), waiting]) conn.close();
-});
-
-Deno.test("out of file descriptors: one log line, no busy loop, accepting again once some close", async () => {
-  // Deno itself holds about 24 descriptors: 64 leaves room for about 40 connections.
-  await using server = await ServerProcess.start(["--port", "0"], { shell: "ulimit -n 64" });
-  const held = [];
-  for (let i = 0; i < 60; i++) held.push(await connect(server.port));
-  await waitUntil(() => /out of file descriptors/.test(server.stderr), "the EMFILE log line");
-  const before = await processUsage(server.pid);
-  await delay(1000);
-  const after = await processUsage(server.pid);
-  assertLessOrEqual(after.cpuMs - before.cpuMs, 300, "the server spun while out of descriptors");
-  for (const conn of held.splice(0, 30)) conn.close();
-  const [result] = await runClients({ port: server.port, count: 1, timeout: 2000 });
-  assert(result.ok, result.error);
-  await waitUntil(() => /accepting again/.test(server.stderr), "the recovery log line");
-  for (const conn of held) conn.close();
-  const { code, stderr } = await server.stop("SIGTERM");
-  assertEquals(code, 0);
-  assertEquals(stderr.match(/out of file descriptors/g)?.length, 1, stderr);
-});
-
-Deno.test("hundreds of peers that reset mid-echo cost one log line each and disturb no one", async () => {
-  await using server = await ServerProcess.start(["--port", "0"]);
-  const steady = await connect(server.port);
-  await roundTrip(steady, pattern(1000));
-  // While 300 peers send 200 KB each and vanish with their echo unread (the
-  // server is writing to them when the resets arrive), one client streams.
-  const [took] = await Promise.all([
-    timed(async () => {
-      for (let i = 0; i < 20; i++) await roundTrip(steady, pattern(50_000, i));
-    }),
-    resetStorm(server.port, 300, 200_000),
-  ]);
-  assertLessOrEqual(took, 3000, `the steady client's 20 round trips took ${took} ms`);
-  await waitUntil(
-    () => (server.stdout.match(/ closed/g)?.length ?? 0) >= 300,
-    "a close line for each reset peer",
-  );
-  const results = await runClients({ port: server.port, count: 20 });
-  assertEquals(results.filter((result) => !result.ok), []);
-  steady.close();
-  const { code, stdout, stderr } = await server.stop("SIGTERM");
-  assertEquals([code, stderr], [0, ""]);
-  const closes = stdout.match(/^\S+ closed.*$/gm) ?? [];
-  assertEquals(closes.length, 321);
-  const peers = closes.map((line) => line.split(" ")[0]);
-  assertEquals(new Set(peers).size, 321, "a connection was logged closed twice");
-});
-
-Deno.test("SIGTERM under load writes back every byte already read, then exits 0", async () => {
-  await using server = await ServerProcess.start(["--port", "0"]);
-  const size = 256 * 1024;
-  const clients = await Promise.all(Array.from({ length: 20 }, () => connect(server.port)));
-  // Each client sends 256 KiB and reads nothing yet: the echo piles up in flight.
-  await Promise.all(clients.map((conn, c) => writeAll(conn, pattern(size, c))));
-  const signalled = performance.now();
-  server.kill("SIGTERM");
-  const results = await Promise.all(clients.map(async (conn, c) => {
-    const echoed = await readAll(conn); // until the server's EOF
-    await conn.closeWrite(); // the server waits for ours before it closes
-    conn.close();
-    return { port: (conn.localAddr as Deno.NetAddr).port, payload: pattern(size, c), echoed };
-  }));
-  const { code, stdout } = await server.stop();
-  const took = performance.now() - signalled;
-  assertEquals(code, 0);
-  assertLessOrEqual(took, 5000 + 2000, "the shutdown outlasted the grace period");
-  for (const { port, payload, echoed } of results) {
-    const line = stdout.match(
-      new RegExp(`^127\\.0\\.0\\.1:${port} closed, (\\d+) bytes echoed$`, "m"),
-    );
-    assert(line, `no clean close for port ${port}:\n${stdout}`);
-    assertEquals(echoed.length, Number(line[1]), "the client got other than what the server read");
-    assertEquals(echoed, payload.subarray(0, echoed.length));
-  }
-});
-
-Deno.test("at shutdown, input is no longer echoed, and connections still open after the grace period are cut", async () => {
-  await using server = serveForTest({ gracePeriod: 300 });
-  const stubborn = await connect(server.addr.port); // never closes its side
-  await roundTrip(stubborn, pattern(10));
-  const took = timed(() => deadline(server.close(), "the shutdown", 2000));
-  assertEquals(await readAll(stubborn, Infinity, 1000), new Uint8Array(0), "no EOF at shutdown");
-  await stubborn.write(pattern(100)); // after the signal: dropped, not echoed
-  assertGreater(await took, 300, "cut before the grace period was over");
-  assertEquals(server.stats.open, 0);
-  stubborn.close();
-});
-
-Deno.test("a second SIGTERM exits at once, without waiting for the grace period", async () => {
-  await using server = await ServerProcess.start(["--port", "0"]);
-  const stubborn = await connect(server.port); // never closes: shutdown would wait for it
-  await roundTrip(stubborn, pattern(10));
-  const signalled = performance.now();
-  server.kill("SIGTERM");
-  await server.waitFor(/shutting down/);
-  const { code } = await server.stop("SIGTERM");
-  assertEquals(code, 143);
-  const took = performance.now() - signalled;
-  assertLessOrEqual(took, 2000, `the second signal took ${took} ms to end the server`);
-  stubborn.close();
-});
-
-Deno.test("5,000 connect/echo/close cycles leave the server's descriptors where they started", async () => {
-  await using server = await ServerProcess.start(["--port", "0"]);
-  const hello = new TextEncoder().encode("hello");
-  const cycle = async () => {
-    const conn = await connect(server.port);
-    await roundTrip(conn, hello);
-    conn.close();
-  };
-  await cycle();
-  const before = await processUsage(server.pid);
-  for (let worker = 0; worker < 10; worker++) {
-    await Promise.all(Array.from({ length: 10 }, async () => {
-      for (let i = 0; i < 50; i++) await cycle();
+testEachStyle(
+  "SIGTERM under load writes back every byte already read, then exits 0",
+  async (style) => {
+    await using server = await ServerProcess.start(["--port", "0"], { style });
+    const size = 256 * 1024;
+    const clients = await Promise.all(Array.from({ length: 20 }, () => connect(server.port)));
+    // Each client sends 256 KiB and reads nothing yet: the echo piles up in flight.
+    await Promise.all(clients.map((conn, c) => writeAll(conn, pattern(size, c))));
+    const signalled = performance.now();
+    server.kill("SIGTERM");
+    const results = await Promise.all(clients.map(async (conn, c) => {
+      const echoed = await readAll(conn); // until the server's EOF
+      await conn.closeWrite(); // the server waits for ours before it closes
+      conn.close();
+      return { port: (conn.localAddr as Deno.NetAddr).port, payload: pattern(size, c), echoed };
     }));
-  }
-  await waitUntil(() => server.count(/ closed, 5 bytes echoed$/) === 5001, "5,001 closes");
-  const after = await processUsage(server.pid);
-  assertEquals(after.fds, before.fds);
-  assertEquals((await server.stop("SIGTERM")).code, 0);
-});
+    const { code, stdout } = await server.stop();
+    const took = performance.now() - signalled;
+    assertEquals(code, 0);
+    assertLessOrEqual(took, 5000 + 2000, "the shutdown outlasted the grace period");
+    for (const { port, payload, echoed } of results) {
+      const line = stdout.match(
+        new RegExp(`^127\\.0\\.0\\.1:${port} closed, (\\d+) bytes echoed$`, "m"),
+      );
+      assert(line, `no clean close for port ${port}:\n${stdout}`);
+      assertEquals(
+        echoed.length,
+        Number(line[1]),
+        "the client got other than what the server read",
+      );
+      assertEquals(echoed, payload.subarray(0, echoed.length));
+    }
+  },
+);
+
+testEachStyle(
+  "at shutdown, input is no longer echoed, and connections still open after the grace period are cut",
+  async (style) => {
+    await using server = serveForTest({ style, gracePeriod: 300 });
+    const stubborn = await connect(server.addr.port); // never closes its side
+    await roundTrip(stubborn, pattern(10));
+    const took = timed(() => deadline(server.close(), "the shutdown", 2000));
+    assertEquals(await readAll(stubborn, Infinity, 1000), new Uint8Array(0), "no EOF at shutdown");
+    await stubborn.write(pattern(100)); // after the signal: dropped, not echoed
+    assertGreater(await took, 300, "cut before the grace period was over");
+    assertEquals(server.stats.open, 0);
+    stubborn.close();
+  },
+);
+
+testEachStyle(
+  "a second SIGTERM exits at once, without waiting for the grace period",
+  async (style) => {
+    await using server = await ServerProcess.start(["--port", "0"], { style });
+    const stubborn = await connect(server.port); // never closes: shutdown would wait for it
+    await roundTrip(stubborn, pattern(10));
+    const signalled = performance.now();
+    server.kill("SIGTERM");
+    await server.waitFor(/shutting down/);
+    const { code } = await server.stop("SIGTERM");
+    assertEquals(code, 143);
+    const took = performance.now() - signalled;
+    assertLessOrEqual(took, 2000, `the second signal took ${took} ms to end the server`);
+    stubborn.close();
+  },
+);
+
+testEachStyle(
+  "5,000 connect/echo/close cycles leave the server's descriptors where they started",
+  async (style) => {
+    await using server = await ServerProcess.start(["--port", "0"], { style });
+    const hello = new TextEncoder().encode("hello");
+    const cycle = async () => {
+      const conn = await connect(server.port);
+      await roundTrip(conn, hello);
+      conn.close();
+    };
+    await cycle();
+    const before = await processUsage(server.pid);
+    for (let worker = 0; worker < 10; worker++) {
+      await Promise.all(Array.from({ length: 10 }, async () => {
+        for (let i = 0; i < 50; i++) await cycle();
+      }));
+    }
+    await waitUntil(() => server.count(/ closed, 5 bytes echoed$/) === 5001, "5,001 closes");
+    const after = await processUsage(server.pid);
+    assertEquals(after.fds, before.fds);
+    assertEquals((await server.stop("SIGTERM")).code, 0);
+  },
+);
 
 Deno.test("a host that does not resolve, or is not this machine's, is one line and exit 1", async () => {
   const all = { permissions: ["--allow-net"] };
@@ -300,14 +341,18 @@ Deno.test("without network permission: one line saying which flag to add, exit 1
   );
 });
 
-Deno.test("binding beyond loopback is allowed, and the listening line says so", async () => {
-  const port = getAvailablePort();
-  await using server = await ServerProcess.start(["--host", "0.0.0.0", "--port", `${port}`], {
-    permissions: ["--allow-net=0.0.0.0"],
-  });
-  assertMatch(
-    server.stdout,
-    new RegExp(`^listening on 0\\.0\\.0\\.0:${port} \\(reachable from the network\\)$`, "m"),
-  );
-  assertEquals((await server.stop("SIGTERM")).code, 0);
-});
+testEachStyle(
+  "binding beyond loopback is allowed, and the listening line says so",
+  async (style) => {
+    const port = getAvailablePort();
+    await using server = await ServerProcess.start(["--host", "0.0.0.0", "--port", `${port}`], {
+      permissions: ["--allow-net=0.0.0.0"],
+      style,
+    });
+    assertMatch(
+      server.stdout,
+      new RegExp(`^listening on 0\\.0\\.0\\.0:${port} \\(reachable from the network\\)$`, "m"),
+    );
+    assertEquals((await server.stop("SIGTERM")).code, 0);
+  },
+);

@@ -135,6 +135,14 @@ export interface SelectorKey<T = unknown> {
    */
   recv(): Uint8Array | null;
   /**
+   * Keeps the bytes the last `recv()` returned valid past the next `select()`:
+   * the key starts no read into its buffer until {@linkcode SelectorKey.release}.
+   * For code that hands the bytes on, e.g. to a coroutine (async_loop.ts).
+   */
+  retain(): void;
+  /** Ends a `retain()`: the key may read into its buffer again. */
+  release(): void;
+  /**
    * Queues bytes to be written; the dispatcher writes every one of them, in order.
    * Do not modify them until they are written. While more than the high-water
    * mark is queued, reading pauses; it resumes at the low-water mark.
@@ -601,6 +609,14 @@ abstract class Key implements SelectorKey<AnyData> {
     throw new TypeError("send() needs a connection's key");
   }
 
+  retain(): void {
+    throw new TypeError("retain() needs a connection's key");
+  }
+
+  release(): void {
+    throw new TypeError("release() needs a connection's key");
+  }
+
   /**
    * Called by the next select(): the bytes recv() handed out may be reused now.
    * A key still ready (its callback did not take the result) goes back on the
@@ -727,9 +743,10 @@ const MAX_READ = 64 * 1024;
 /**
  * Zero-copy echo. recv() hands out the key's read buffer itself, not a copy, so
  * `send(recv())` writes those very bytes. While any of them wait in a send
- * queue (on this key or another), the buffer is *lent*, and the key starts no
- * read, since a read would overwrite them; the last write of a lent chunk
- * returns it. This map finds the key a buffer belongs to, from any send queue.
+ * queue (on this key or another), or while the caller retains them, the
+ * buffer is *lent*, and the key starts no read, since a read would overwrite
+ * them; the last write of a lent chunk, or release(), returns it. This map
+ * finds the key a buffer belongs to, from any send queue.
  */
 const lenders = new WeakMap<ArrayBufferLike, ConnKey>();
 
@@ -741,8 +758,10 @@ class ConnKey extends Key {
   #reading = false;
   /** What the last read gave and recv() has not taken: a byte count, null at EOF. */
   #received: number | null | undefined = undefined;
-  /** Chunks of #buf waiting in some send queue: no read while any do. */
+  /** Chunks of #buf waiting in some send queue, plus one while retained: no read while any. */
   #lent = 0;
+  /** True between retain() and release(). */
+  #retained = false;
   /** The read buffer, handed out by recv() (see `lenders`). */
   #buf: Uint8Array = new Uint8Array(0);
   /** The size of the next read buffer. */
@@ -789,6 +808,18 @@ class ConnKey extends Key {
       this.core.trace?.({ step: "pause", key: this });
     }
     if (!this.#writing) this.#write();
+  }
+
+  override retain(): void {
+    if (this.#retained) return;
+    this.#retained = true;
+    this.lent(1);
+  }
+
+  override release(): void {
+    if (!this.#retained) return;
+    this.#retained = false;
+    this.lent(-1);
   }
 
   /** Counts chunks of this key's read buffer entering (+1) or leaving (-1) a send queue. */

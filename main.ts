@@ -1,21 +1,32 @@
 /**
- * A TCP echo server on the readiness loop of loop.ts: an accept callback
- * registers each connection with a read callback, and the read callback
- * sends back whatever arrives.
+ * A TCP echo server on the readiness loop of loop.ts, in either of the
+ * lesson's two styles:
+ *
+ * - callbacks (the default): an accept callback registers each connection
+ *   with a read callback, and the read callback sends back whatever arrives;
+ * - async: the same loop driven by coroutines (async_loop.ts), an accept loop
+ *   and one `while ((data = await recv()) !== null) await send(data)` per
+ *   connection.
+ *
+ * Both share everything else: limits, logs, idle timeout and shutdown.
  *
  * ```sh
- * deno run --allow-net=127.0.0.1 main.ts --port 8888
+ * deno run --allow-net=127.0.0.1 main.ts --port 8888 [--style async] [--trace]
  * ```
  *
  * @module
  */
 
-import { READ, Selector, type SelectorKey, WRITE } from "./loop.ts";
+import { READ, Selector, type SelectorKey, type TraceEvent, WRITE } from "./loop.ts";
+import { AsyncLoop, type Connection } from "./async_loop.ts";
 import { type Flags, parseCommandLine, UsageError, withDefaults } from "./cli.ts";
-import { formatAddr } from "./trace.ts";
+import { createTracer, formatAddr } from "./trace.ts";
 
 /** How much the server prints. */
 export type LogLevel = "quiet" | "info" | "verbose";
+
+/** How the server is written: the lesson's callbacks, or coroutines on the same loop. */
+export type Style = "callbacks" | "async";
 
 /** Options for {@linkcode serve}. */
 export interface ServeOptions {
@@ -31,6 +42,10 @@ export interface ServeOptions {
   gracePeriod?: number;
   /** `quiet`: errors only; `info`: a line per connection; `verbose`: and per echo. @default {"info"} */
   logLevel?: LogLevel;
+  /** Callbacks or coroutines. @default {"callbacks"} */
+  style?: Style;
+  /** Called at each step of the loop, to watch it work (see trace.ts). */
+  trace?: (event: TraceEvent) => void;
 }
 
 /** Counters of a running server. */
@@ -64,19 +79,42 @@ export interface Server {
 }
 
 /** What the server keeps for each connection (little: idle connections add up). */
-interface Connection {
+interface Peer {
   /** Bytes received, each echoed (or queued to be). */
   bytes: number;
   /** performance.now() of the last read, for the idle timeout. */
   lastRead: number;
 }
 
-/** A connection's key in the selector, with the server's data attached. */
-type ClientKey = SelectorKey<Connection>;
+/** A connection in either style: its selector key, or its coroutines' Connection. */
+interface Client {
+  readonly resource: Deno.Listener | Deno.Conn;
+  readonly queued: number;
+  data: Peer;
+}
 
-/** The peer's address of a connection's key, for log lines. */
-function peerOf(key: ClientKey): string {
-  return formatAddr((key.resource as Deno.Conn).remoteAddr);
+/** A connection's key in the selector (callbacks), with the server's record attached. */
+type ClientKey = SelectorKey<Peer>;
+
+/** What differs between the two styles; serve() does the rest. */
+interface Engine {
+  /** Serves until stop(). */
+  run(): Promise<void>;
+  /** Stops accepting (at the connection cap: newcomers wait in the backlog), or accepts again. */
+  accepting(on: boolean): void;
+  /** Closes the listener: the server is shutting down. */
+  closeListener(): void;
+  /** Closes a connection now. */
+  release(client: Client): void;
+  /** At shutdown: write back what is queued, half-close, wait for the peer's EOF, close. */
+  drain(client: Client): void;
+  /** Ends run(): the last connection is closed. */
+  stop(): void;
+}
+
+/** The peer's address of a connection, for log lines. */
+function peerOf(client: Client): string {
+  return formatAddr((client.resource as Deno.Conn).remoteAddr);
 }
 
 /** An error as a short phrase: its Deno class name, or its message. */
@@ -88,14 +126,15 @@ function describe(error: unknown): string {
   return String(error);
 }
 
-/** What {@linkcode serve} does when an option is not given; main.ts's flags share them. */
-const DEFAULTS: Required<ServeOptions> = {
+/** What {@linkcode serve} does when an option is not given (no trace); main.ts's flags share them. */
+const DEFAULTS: Required<Omit<ServeOptions, "trace">> = {
   hostname: "127.0.0.1",
   port: 8888,
   maxConns: 10_000,
   idleTimeout: 0,
   gracePeriod: 5000,
   logLevel: "info",
+  style: "callbacks",
 };
 
 /**
@@ -106,7 +145,7 @@ const DEFAULTS: Required<ServeOptions> = {
  * import { serve } from "./main.ts";
  * import { assertEquals } from "@std/assert";
  *
- * const server = serve({ port: 0, logLevel: "quiet" });
+ * const server = serve({ port: 0, logLevel: "quiet", style: "async" });
  * const conn = await Deno.connect({ port: server.addr.port });
  * await conn.write(new TextEncoder().encode("hello"));
  * const reply = new Uint8Array(5);
@@ -115,57 +154,61 @@ const DEFAULTS: Required<ServeOptions> = {
  * await server.close();
  * ```
  *
- * @param options Where to listen, limits and logging.
+ * @param options Where to listen, limits, logging and style.
  * @returns The running server.
  * @throws What `Deno.listen` throws: `Deno.errors.AddrInUse`, `NotCapable`...
  */
 export function serve(options: ServeOptions = {}): Server {
-  const { hostname, port, maxConns, idleTimeout, gracePeriod, logLevel } = withDefaults(
+  const { hostname, port, maxConns, idleTimeout, gracePeriod, logLevel, style } = withDefaults(
     options,
     DEFAULTS,
   );
+  const { trace } = options;
   const logs = logLevel !== "quiet";
   const verbose = logLevel === "verbose";
 
   const listener = Deno.listen({ hostname, port });
-  const selector = new Selector();
-  const connections = new Set<ClientKey>();
+  const selector = new Selector({ trace });
+  const clients = new Set<Client>();
   const stats: ServerStats = {
     get open() {
-      return connections.size;
+      return clients.size;
     },
     accepted: 0,
     bytes: 0,
     get queued() {
       let queued = 0;
-      for (const key of connections) queued += key.queued;
+      for (const client of clients) queued += client.queued;
       return queued;
     },
   };
-  const stopped = Promise.withResolvers<void>(); // settles when run() ends
+  const stopped = Promise.withResolvers<void>(); // settles when the engine's run() ends
   let idleTimer: ReturnType<typeof setInterval> | undefined = undefined;
   let outOfDescriptors = false;
   let shuttingDown = false;
+  // The style's half of the server; both styles are defined below, as functions.
+  const engine = style === "async" ? coroutines() : callbacks();
 
-  // The listener's callback: the lesson's accept().
-  function accept(key: SelectorKey, _mask: number): void {
-    let conn: Deno.Conn;
-    try {
-      conn = key.accept(); // should be ready
-    } catch (error) {
-      return acceptFailed(error);
-    }
+  // What both styles do with a connection: welcome it, count it, count its
+  // bytes, close it.
+
+  /** A connection was accepted: logs it and makes its record. */
+  function welcome(conn: Deno.Conn): Peer {
     if (outOfDescriptors) {
       outOfDescriptors = false;
       console.error("accepting again");
     }
     (conn as Deno.TcpConn).setNoDelay(true); // Deno leaves Nagle on: small echoes would wait ~40 ms
     if (logs) console.log(`${formatAddr(conn.remoteAddr)} connected`);
-    const data = { bytes: 0, lastRead: idleTimeout && performance.now() };
-    connections.add(selector.register(conn, READ, read, data));
     stats.accepted++;
-    if (stats.open >= maxConns) {
-      selector.modify(listener, 0); // the kernel's backlog holds newcomers
+    return { bytes: 0, lastRead: idleTimeout && performance.now() };
+  }
+
+  /** The connection is served: count it, and stop accepting at the cap. */
+  function opened(client: Client): void {
+    clients.add(client);
+    if (clients.size >= maxConns) {
+      engine.accepting(false); // the kernel's backlog holds newcomers
       if (logs) console.log(`${maxConns} connections open: new ones wait until one closes`);
     }
   }
@@ -183,115 +226,232 @@ export function serve(options: ServeOptions = {}): Server {
     console.error(`accept failed: ${describe(error)}`);
   }
 
-  // A connection's life, and the callback that runs in each state:
-  //
-  //   state        interest  callback      what it does
-  //   reading      READ      read()        echoes what arrives; at EOF → finishing
-  //   finishing    WRITE     flushed()     the echo is all written: close → closed
-  //   draining     WRITE     drained()     (shutdown) the echo is all written:
-  //                                        half-close → half-closed
-  //   half-closed  READ      halfClosed()  (shutdown) drops input until the peer's
-  //                                        EOF → closed
-  //   closed       none      close()       unregistered and closed; also on any error
-  //
-  // At shutdown every reading or finishing connection becomes draining.
-
-  // Reading: the lesson's read().
-  function read(key: ClientKey, _mask: number): void {
-    let data: Uint8Array | null;
-    try {
-      data = key.recv(); // should be ready
-    } catch (error) {
-      return close(key, error); // a reset or the like: this connection only
-    }
-    if (data) {
-      if (verbose) console.log(`${peerOf(key)} echoing ${data.length} bytes`);
-      key.data.bytes += data.length;
-      stats.bytes += data.length;
-      if (idleTimeout) key.data.lastRead = performance.now();
-      key.send(data); // queued: the loop writes every byte
-    } else {
-      // EOF: the peer is done sending. Write back what is queued, then close.
-      selector.modify(key.resource, WRITE, flushed);
-    }
+  /** Bytes arrived, about to be echoed. */
+  function received(client: Client, data: Uint8Array): void {
+    if (verbose) console.log(`${peerOf(client)} echoing ${data.length} bytes`);
+    client.data.bytes += data.length;
+    stats.bytes += data.length;
+    if (idleTimeout) client.data.lastRead = performance.now();
   }
 
-  function flushed(key: ClientKey, _mask: number): void {
-    close(key, key.error);
-  }
-
-  // Draining and half-closed: graceful shutdown writes back what was read, then
-  // half-closes and waits for the peer's EOF (closing with unread input would
-  // send a reset, which can destroy echoed bytes still in flight); input that
-  // arrives now is dropped.
-  function drained(key: ClientKey, _mask: number): void {
-    if (key.error) return close(key, key.error);
-    (key.resource as Deno.Conn).closeWrite().catch((error) => {
-      if (connections.has(key)) close(key, error); // e.g. the peer reset meanwhile
-    });
-    selector.modify(key.resource, READ, halfClosed);
-  }
-
-  function halfClosed(key: ClientKey, _mask: number): void {
-    let data: Uint8Array | null;
-    try {
-      data = key.recv();
-    } catch (error) {
-      return close(key, error);
-    }
-    if (data === null) close(key);
-  }
-
-  function close(key: ClientKey, error?: unknown): void {
-    selector.unregister(key.resource);
-    key.resource.close();
-    connections.delete(key);
+  function close(client: Client, error?: unknown): void {
+    if (!clients.delete(client)) return; // closed already
+    engine.release(client);
     if (logs) {
-      const { bytes } = key.data;
+      const { bytes } = client.data;
       console.log(
         error
-          ? `${peerOf(key)} closed after ${bytes} bytes: ${describe(error)}`
-          : `${peerOf(key)} closed, ${bytes} bytes echoed`,
+          ? `${peerOf(client)} closed after ${bytes} bytes: ${describe(error)}`
+          : `${peerOf(client)} closed, ${bytes} bytes echoed`,
       );
     }
     if (shuttingDown) {
-      if (stats.open === 0) selector.close();
-    } else if (stats.open === maxConns - 1) {
-      selector.modify(listener, READ);
+      if (clients.size === 0) engine.stop();
+    } else if (clients.size === maxConns - 1) {
+      engine.accepting(true);
     }
   }
 
   function closeIdle(): void {
     const now = performance.now();
-    for (const key of connections) {
-      if (now - key.data.lastRead > idleTimeout) {
-        close(key, new Error(`idle for over ${idleTimeout / 1000} s`));
+    for (const client of clients) {
+      if (now - client.data.lastRead > idleTimeout) {
+        close(client, new Error(`idle for over ${idleTimeout / 1000} s`));
       }
     }
   }
 
+  // Graceful shutdown: write back what was read, then half-close and wait for
+  // the peer's EOF (closing with unread input would send a reset, which can
+  // destroy echoed bytes still in flight); input that arrives now is dropped.
   function shutdown(): Promise<void> {
     if (shuttingDown) return stopped.promise;
     shuttingDown = true;
     clearInterval(idleTimer);
-    selector.unregister(listener);
-    listener.close();
-    if (connections.size === 0) selector.close();
-    for (const key of connections) {
-      selector.modify(key.resource, WRITE, drained);
-    }
+    engine.closeListener();
+    if (clients.size === 0) engine.stop();
+    for (const client of clients) engine.drain(client);
     const graceTimer = setTimeout(() => {
-      for (const key of connections) close(key, new Error("grace period over"));
+      for (const client of clients) close(client, new Error("grace period over"));
     }, gracePeriod);
     const stopTimer = () => clearTimeout(graceTimer);
     stopped.promise.then(stopTimer, stopTimer);
     return stopped.promise;
   }
 
-  // Start: watch the listener, then run the loop until shutdown.
-  selector.register(listener, READ, accept);
+  // The lesson's style: callbacks.
+  function callbacks(): Engine {
+    // The listener's callback: the lesson's accept().
+    function accept(key: SelectorKey, _mask: number): void {
+      let conn: Deno.Conn;
+      try {
+        conn = key.accept(); // should be ready
+      } catch (error) {
+        return acceptFailed(error);
+      }
+      opened(selector.register(conn, READ, read, welcome(conn)));
+    }
+
+    // A connection's life, and the callback that runs in each state:
+    //
+    //   state        interest  callback      what it does
+    //   reading      READ      read()        echoes what arrives; at EOF → finishing
+    //   finishing    WRITE     flushed()     the echo is all written: close → closed
+    //   draining     WRITE     drained()     (shutdown) the echo is all written:
+    //                                        half-close → half-closed
+    //   half-closed  READ      halfClosed()  (shutdown) drops input until the peer's
+    //                                        EOF → closed
+    //   closed       none      close()       unregistered and closed; also on any error
+    //
+    // At shutdown every reading or finishing connection becomes draining.
+
+    // Reading: the lesson's read().
+    function read(key: ClientKey, _mask: number): void {
+      let data: Uint8Array | null;
+      try {
+        data = key.recv(); // should be ready
+      } catch (error) {
+        return close(key, error); // a reset or the like: this connection only
+      }
+      if (data) {
+        received(key, data);
+        key.send(data); // queued: the loop writes every byte
+      } else {
+        // EOF: the peer is done sending. Write back what is queued, then close.
+        selector.modify(key.resource, WRITE, flushed);
+      }
+    }
+
+    function flushed(key: ClientKey, _mask: number): void {
+      close(key, key.error);
+    }
+
+    function drained(key: ClientKey, _mask: number): void {
+      if (key.error) return close(key, key.error);
+      (key.resource as Deno.Conn).closeWrite().catch((error) => close(key, error));
+      selector.modify(key.resource, READ, halfClosed);
+    }
+
+    function halfClosed(key: ClientKey, _mask: number): void {
+      let data: Uint8Array | null;
+      try {
+        data = key.recv();
+      } catch (error) {
+        return close(key, error);
+      }
+      if (data === null) close(key);
+    }
+
+    return {
+      run() {
+        selector.register(listener, READ, accept);
+        return selector.run();
+      },
+      accepting(on) {
+        selector.modify(listener, on ? READ : 0);
+      },
+      closeListener() {
+        selector.unregister(listener);
+        listener.close();
+      },
+      release(client) {
+        selector.unregister(client.resource);
+        client.resource.close();
+      },
+      drain(client) {
+        selector.modify(client.resource, WRITE, drained);
+      },
+      stop() {
+        selector.close();
+      },
+    };
+  }
+
+  // The lesson's next step: coroutines on the same loop.
+  function coroutines(): Engine {
+    const loop = new AsyncLoop({
+      selector,
+      onError: (error) => console.error(`unexpected error: ${describe(error)}`),
+    });
+    /** Set while at the connection cap: the accept loop waits for it. */
+    let slotFree: PromiseWithResolvers<void> | undefined = undefined;
+
+    // The accept loop: the lesson's accept(), as a coroutine.
+    async function acceptLoop(): Promise<void> {
+      while (!shuttingDown) {
+        if (slotFree) await slotFree.promise;
+        if (shuttingDown) return;
+        let conn: Connection<Peer>;
+        try {
+          conn = await loop.accept(listener) as Connection<Peer>;
+        } catch (error) {
+          if (shuttingDown) return;
+          acceptFailed(error);
+          continue;
+        }
+        conn.data = welcome(conn.resource);
+        opened(conn);
+        loop.spawn(echo(conn));
+      }
+    }
+
+    // A connection's life as one coroutine, through the same states as the
+    // callbacks: reading, finishing at EOF, and at shutdown draining and
+    // half-closed; close() on any error.
+    async function echo(conn: Connection<Peer>): Promise<void> {
+      try {
+        for (let data; !shuttingDown && (data = await loop.recv(conn)) !== null;) {
+          received(conn, data);
+          await loop.send(conn, data); // waits only while the peer does not read
+        }
+        if (!shuttingDown) { // finishing: write back what is queued, then close
+          await loop.drain(conn);
+          return close(conn, conn.error);
+        }
+      } catch (error) {
+        if (!(shuttingDown && error instanceof Deno.errors.Interrupted)) return close(conn, error);
+      }
+      if (!clients.has(conn)) return; // the grace period cut it
+      try { // draining, then half-closed
+        await loop.drain(conn);
+        await conn.resource.closeWrite();
+        while ((await loop.recv(conn)) !== null); // drop input until the peer's EOF
+        close(conn);
+      } catch (error) {
+        close(conn, error);
+      }
+    }
+
+    return {
+      run() {
+        loop.spawn(acceptLoop());
+        return loop.run();
+      },
+      accepting(on) {
+        if (!on) slotFree ??= Promise.withResolvers();
+        else {
+          slotFree?.resolve();
+          slotFree = undefined;
+        }
+      },
+      closeListener() {
+        loop.abort(listener); // interrupts the waiting accept()
+        slotFree?.resolve();
+      },
+      release(client) {
+        loop.abort(client as Connection); // interrupts what its coroutine waits for
+      },
+      drain(client) {
+        loop.interrupt(client as Connection); // its coroutine goes on to drain it
+      },
+      stop() {
+        loop.stop();
+      },
+    };
+  }
+
   if (idleTimeout > 0) idleTimer = setInterval(closeIdle, Math.min(1000, idleTimeout / 2));
-  selector.run().finally(() => {
+  engine.run().finally(() => {
     clearInterval(idleTimer);
     if (!shuttingDown) listener.close();
   }).then(stopped.resolve, stopped.reject);
@@ -303,8 +463,11 @@ export function serve(options: ServeOptions = {}): Server {
   };
 }
 
+/** --trace prints at most this many lines a second, then says how many it left out. */
+const TRACE_LINES_PER_SECOND = 200;
+
 const USAGE =
-  `usage: deno run --allow-net=127.0.0.1 main.ts [--host H] [--port N] [--max-conns N] [--idle-timeout S] [--verbose | --quiet]`;
+  `usage: deno run --allow-net=127.0.0.1 main.ts [--host H] [--port N] [--max-conns N] [--idle-timeout S] [--style callbacks|async] [--trace] [--verbose | --quiet]`;
 
 const HELP = `A TCP echo server: sends back every byte it receives.
 
@@ -314,6 +477,9 @@ ${USAGE}
   --port N           port, 0 picks a free one (default ${DEFAULTS.port})
   --max-conns N      connections served at once; more wait in the kernel's backlog (default ${DEFAULTS.maxConns})
   --idle-timeout S   close connections idle for S seconds (default ${DEFAULTS.idleTimeout}: never)
+  --style STYLE      callbacks (the lesson's accept and read callbacks) or async (coroutines
+                     on the same loop) (default ${DEFAULTS.style})
+  --trace            print what the event loop does, turn by turn (at most ${TRACE_LINES_PER_SECOND} lines a second)
   --verbose          also log every echo
   --quiet            log errors only
   --help             show this help
@@ -325,6 +491,8 @@ const FLAGS = {
   port: { type: "integer", min: 0, max: 65535 },
   "max-conns": { type: "integer", min: 1 },
   "idle-timeout": { type: "number", min: 0 },
+  style: { type: "text" },
+  trace: { type: "boolean" },
   verbose: { type: "boolean" },
   quiet: { type: "boolean" },
 } as const;
@@ -334,6 +502,10 @@ function optionsFrom(flags: Flags<typeof FLAGS>): ServeOptions {
   if (flags.verbose && flags.quiet) {
     throw new UsageError("--verbose and --quiet do not go together");
   }
+  const { style } = flags;
+  if (style !== undefined && style !== "callbacks" && style !== "async") {
+    throw new UsageError(`--style must be callbacks or async, got "${style}"`);
+  }
   const idleSeconds = flags["idle-timeout"];
   return {
     hostname: flags.host,
@@ -341,6 +513,8 @@ function optionsFrom(flags: Flags<typeof FLAGS>): ServeOptions {
     maxConns: flags["max-conns"],
     idleTimeout: idleSeconds === undefined ? undefined : idleSeconds * 1000,
     logLevel: flags.quiet ? "quiet" : flags.verbose ? "verbose" : undefined,
+    style,
+    trace: flags.trace ? createTracer({ maxPerSecond: TRACE_LINES_PER_SECOND }) : undefined,
   };
 }
 

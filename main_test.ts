@@ -14,31 +14,38 @@ import {
   seededRandom,
   serveForTest,
   ServerProcess,
+  testEachStyle,
   waitUntil,
   writeAll,
 } from "./testing/helpers.ts";
 import { runClients } from "./client.ts";
 
-Deno.test("deno run main.ts and deno run client.ts work together as the README says", async () => {
-  const port = getAvailablePort();
-  await using server = await ServerProcess.start(["--port", `${port}`]);
-  assertMatch(server.stdout, new RegExp(`^listening on 127\\.0\\.0\\.1:${port}$`, "m"));
-  const client = await runScript("client.ts", ["--port", `${port}`]);
-  assertEquals(client.stderr, "");
-  const lines = client.stdout.trimEnd().split("\n");
-  assertEquals(lines.slice(0, 20), Array(20).fill("reply from server= hello"));
-  assertMatch(lines[20], /^20\/20 echoed in \d+ ms$/);
-  assertEquals([lines.length, client.code], [21, 0]);
-  await waitUntil(() => server.count(/ closed, 5 bytes echoed$/) === 20, "20 clean closes");
-  const stopped = await server.stop("SIGTERM");
-  assertEquals(stopped.code, 0);
-  assertEquals(stopped.stderr, "");
-  assertEquals(stopped.stdout.match(/ connected$/gm)?.length, 20);
-});
+testEachStyle(
+  "deno run main.ts and deno run client.ts work together as the README says",
+  async (style) => {
+    const port = getAvailablePort();
+    await using server = await ServerProcess.start(["--port", `${port}`], { style });
+    assertMatch(server.stdout, new RegExp(`^listening on 127\\.0\\.0\\.1:${port}$`, "m"));
+    const client = await runScript("client.ts", ["--port", `${port}`]);
+    assertEquals(client.stderr, "");
+    const lines = client.stdout.trimEnd().split("\n");
+    assertEquals(lines.slice(0, 20), Array(20).fill("reply from server= hello"));
+    assertMatch(lines[20], /^20\/20 echoed in \d+ ms$/);
+    assertEquals([lines.length, client.code], [21, 0]);
+    await waitUntil(() => server.count(/ closed, 5 bytes echoed$/) === 20, "20 clean closes");
+    const stopped = await server.stop("SIGTERM");
+    assertEquals(stopped.code, 0);
+    assertEquals(stopped.stderr, "");
+    assertEquals(stopped.stdout.match(/ connected$/gm)?.length, 20);
+  },
+);
 
-Deno.test("--host ::1: the server and the client work over IPv6", async () => {
+testEachStyle("--host ::1: the server and the client work over IPv6", async (style) => {
   const ipv6 = { permissions: ["--allow-net=[::1]"] };
-  await using server = await ServerProcess.start(["--host", "::1", "--port", "0"], ipv6);
+  await using server = await ServerProcess.start(["--host", "::1", "--port", "0"], {
+    ...ipv6,
+    style,
+  });
   const { port } = server;
   assertMatch(server.stdout, new RegExp(`^listening on \\[::1\\]:${port}$`, "m"));
   const client = await runScript("client.ts", ["--host", "::1", "--port", `${port}`], ipv6);
@@ -48,76 +55,82 @@ Deno.test("--host ::1: the server and the client work over IPv6", async () => {
   assertEquals((await server.stop("SIGTERM")).code, 0);
 });
 
-Deno.test("8 MiB are echoed exactly while the client reads; after a half-close every byte comes back, then EOF", async () => {
-  await using server = serveForTest();
-  const { port } = server.addr;
-  const payload = pattern(8 << 20);
-  assertEquals(await echo(port, payload), payload); // writes and reads at once
-  // Write everything first, then half-close, then read: the echo is still due.
-  const conn = await connect(port);
-  const half = pattern(300_000, 3);
-  await writeAll(conn, half);
-  await conn.closeWrite();
-  assertEquals(await readAll(conn), half);
-  assertEquals(await conn.read(new Uint8Array(1)), null);
-  conn.close();
-});
+testEachStyle(
+  "8 MiB are echoed exactly while the client reads; after a half-close every byte comes back, then EOF",
+  async (style) => {
+    await using server = serveForTest({ style });
+    const { port } = server.addr;
+    const payload = pattern(8 << 20);
+    assertEquals(await echo(port, payload), payload); // writes and reads at once
+    // Write everything first, then half-close, then read: the echo is still due.
+    const conn = await connect(port);
+    const half = pattern(300_000, 3);
+    await writeAll(conn, half);
+    await conn.closeWrite();
+    assertEquals(await readAll(conn), half);
+    assertEquals(await conn.read(new Uint8Array(1)), null);
+    conn.close();
+  },
+);
 
-Deno.test("all 256 byte values are echoed unchanged", async () => {
-  await using server = serveForTest();
+testEachStyle("all 256 byte values are echoed unchanged", async (style) => {
+  await using server = serveForTest({ style });
   const every = Uint8Array.from({ length: 256 }, (_, i) => i);
   assertEquals(await echo(server.addr.port, every), every);
   const [result] = await runClients({ port: server.addr.port, count: 1, message: every });
   assertEquals([result.ok, result.error], [true, undefined]);
 });
 
-Deno.test("seeded fuzz: random writes, reads, pauses, half-closes and resets echo exactly", async () => {
-  const seed = Number(Deno.env.get("ECHO_SEED") ?? Date.now() % 1_000_000);
-  const random = seededRandom(seed);
-  const between = (low: number, high: number) => low + Math.floor(random() * (high - low + 1));
-  // Sizes spread over 1 B .. 1 MiB, most of them small.
-  const size = () => Math.max(1, Math.floor(2 ** (random() * 20)));
-  try {
-    await using server = serveForTest();
-    const connections = Promise.all(Array.from({ length: 32 }, async (_, c) => {
-      const conn = await connect(server.addr.port);
-      const writes = Array.from({ length: between(1, 24) }, size);
-      const payload = pattern(writes.reduce((a, b) => a + b, 0), c);
-      const resetAfter = random() < 0.2 ? between(0, writes.length - 1) : -1;
-      const pauses = writes.map(() => (random() < 0.2 ? between(1, 20) : 0));
-      const reads = Array.from({ length: 32 }, size);
-      const writing = (async () => {
-        let at = 0;
-        for (const [i, length] of writes.entries()) {
-          if (i === resetAfter) return conn.close(); // gone mid-stream, echo unread
-          await writeAll(conn, payload.subarray(at, at += length));
-          if (pauses[i]) await delay(pauses[i]);
+testEachStyle(
+  "seeded fuzz: random writes, reads, pauses, half-closes and resets echo exactly",
+  async (style) => {
+    const seed = Number(Deno.env.get("ECHO_SEED") ?? Date.now() % 1_000_000);
+    const random = seededRandom(seed);
+    const between = (low: number, high: number) => low + Math.floor(random() * (high - low + 1));
+    // Sizes spread over 1 B .. 1 MiB, most of them small.
+    const size = () => Math.max(1, Math.floor(2 ** (random() * 20)));
+    try {
+      await using server = serveForTest({ style });
+      const connections = Promise.all(Array.from({ length: 32 }, async (_, c) => {
+        const conn = await connect(server.addr.port);
+        const writes = Array.from({ length: between(1, 24) }, size);
+        const payload = pattern(writes.reduce((a, b) => a + b, 0), c);
+        const resetAfter = random() < 0.2 ? between(0, writes.length - 1) : -1;
+        const pauses = writes.map(() => (random() < 0.2 ? between(1, 20) : 0));
+        const reads = Array.from({ length: 32 }, size);
+        const writing = (async () => {
+          let at = 0;
+          for (const [i, length] of writes.entries()) {
+            if (i === resetAfter) return conn.close(); // gone mid-stream, echo unread
+            await writeAll(conn, payload.subarray(at, at += length));
+            if (pauses[i]) await delay(pauses[i]);
+          }
+          await conn.closeWrite(); // half-close: the echo is still due
+        })();
+        if (resetAfter >= 0) return await writing;
+        const echoed = new Uint8Array(payload.length + 1);
+        let got = 0;
+        for (let i = 0; got < echoed.length; i++) {
+          const want = Math.min(reads[i % reads.length], echoed.length - got);
+          const n = await conn.read(echoed.subarray(got, got + want));
+          if (n === null) break;
+          got += n;
+          if (random() < 0.05) await delay(between(1, 10)); // a slow reader now and then
         }
-        await conn.closeWrite(); // half-close: the echo is still due
-      })();
-      if (resetAfter >= 0) return await writing;
-      const echoed = new Uint8Array(payload.length + 1);
-      let got = 0;
-      for (let i = 0; got < echoed.length; i++) {
-        const want = Math.min(reads[i % reads.length], echoed.length - got);
-        const n = await conn.read(echoed.subarray(got, got + want));
-        if (n === null) break;
-        got += n;
-        if (random() < 0.05) await delay(between(1, 10)); // a slow reader now and then
-      }
-      await writing;
-      conn.close();
-      assertEquals(got, payload.length, `connection ${c}: echo length`);
-      assertEquals(echoed.subarray(0, got), payload, `connection ${c}: echo bytes`);
-    }));
-    await deadline(connections, "the fuzzed connections' echoes", 20_000);
-  } catch (error) {
-    console.error(
-      `fuzz test failed with seed ${seed}: replay with ECHO_SEED=${seed} deno task test`,
-    );
-    throw error;
-  }
-});
+        await writing;
+        conn.close();
+        assertEquals(got, payload.length, `connection ${c}: echo length`);
+        assertEquals(echoed.subarray(0, got), payload, `connection ${c}: echo bytes`);
+      }));
+      await deadline(connections, "the fuzzed connections' echoes", 20_000);
+    } catch (error) {
+      console.error(
+        `fuzz test failed with seed ${seed}: replay with ECHO_SEED=${seed} deno task test`,
+      );
+      throw error;
+    }
+  },
+);
 
 Deno.test("a port in use is one line saying what to do, exit 1, no stack trace", async () => {
   using held = Deno.listen({ hostname: "127.0.0.1", port: 0 });
@@ -141,6 +154,7 @@ Deno.test("bad flags and values print the problem and usage, exit 2", async () =
     [["--nope"], "Unknown flag --nope"],
     [["8888"], `Unexpected argument "8888"`],
     [["--verbose", "--quiet"], "--verbose and --quiet do not go together"],
+    [["--style", "threads"], `--style must be callbacks or async, got "threads"`],
   ];
   await Promise.all(cases.map(async ([args, message]) => {
     const { code, stdout, stderr } = await runScript("main.ts", args);
@@ -155,7 +169,16 @@ Deno.test("--help prints the flags and exits 0", async () => {
   const { code, stdout } = await runScript("main.ts", ["--help"]);
   assertEquals(code, 0);
   for (
-    const flag of ["--host", "--port", "--max-conns", "--idle-timeout", "--verbose", "--quiet"]
+    const flag of [
+      "--host",
+      "--port",
+      "--max-conns",
+      "--idle-timeout",
+      "--style",
+      "--trace",
+      "--verbose",
+      "--quiet",
+    ]
   ) {
     assertMatch(stdout, new RegExp(`^  ${flag} `, "m"));
   }

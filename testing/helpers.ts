@@ -10,9 +10,22 @@
  * @module
  */
 
-import { serve, type ServeOptions, type Server } from "../main.ts";
+import { serve, type ServeOptions, type Server, type Style } from "../main.ts";
 
 const root = new URL("../", import.meta.url);
+
+/** The server's two styles: every server test runs once in each. */
+export const STYLES: readonly Style[] = ["callbacks", "async"];
+
+/**
+ * Registers one test per server style, named `name [style]`.
+ *
+ * @param name What the test checks.
+ * @param fn The test, given the style to start servers in.
+ */
+export function testEachStyle(name: string, fn: (style: Style) => Promise<void>): void {
+  for (const style of STYLES) Deno.test(`${name} [${style}]`, () => fn(style));
+}
 
 /** How long a step may take before the test fails instead of hanging. */
 export const STEP_TIMEOUT_MS = 10_000;
@@ -246,18 +259,21 @@ export interface Finished {
   stderr: string;
 }
 
-/** How a script is started: its permissions (as its task grants them), or a shell prefix. */
+/** How a script is started: its permissions (as its task grants them), a shell prefix, a style. */
 export interface RunOptions {
   /** `deno run` permission flags. @default {["--allow-net=127.0.0.1"]} */
   permissions?: string[];
   /** Shell commands to run first, e.g. `ulimit -n 64` (the script then runs under sh). */
   shell?: string;
+  /** For main.ts: the server's style, passed as `--style`. */
+  style?: Style;
 }
 
 /** The command for one of the project's scripts, as its task runs it. */
 function denoRun(script: string, args: string[], options: RunOptions = {}): Deno.CommandOptions {
-  const { permissions = ["--allow-net=127.0.0.1"], shell } = options;
-  const deno = ["run", ...permissions, new URL(script, root).pathname, ...args];
+  const { permissions = ["--allow-net=127.0.0.1"], shell, style } = options;
+  const styled = style ? [...args, "--style", style] : args;
+  const deno = ["run", ...permissions, new URL(script, root).pathname, ...styled];
   return {
     ...(shell ? { args: ["-c", `${shell} && exec deno "$@"`, "sh", ...deno] } : { args: deno }),
     cwd: root.pathname,
