@@ -1,6 +1,6 @@
 /**
- * `deno task bench`: main.ts against the idiomatic Deno echo server
- * (bench/baseline_echo.ts), driven by client.ts's load mode in the same run,
+ * `deno task bench`: main.ts, in both styles, against the idiomatic Deno echo
+ * server (bench/baseline_echo.ts), driven by bench/load.ts in the same run,
  * scenario by scenario, so that a noisy moment hits both. Prints a table of
  * round trips per second, latency percentiles, fairness, the ratio to the
  * baseline, and the memory each idle connection costs each server.
@@ -103,7 +103,7 @@ async function main(args: string[]): Promise<number> {
     name: "bench.ts",
     usage: "usage: deno task bench [--duration S] [--runs N]",
     help:
-      "Compares main.ts with the idiomatic baseline.\n\n  --duration S   seconds per scenario and server (default 3)\n  --runs N       runs per scenario, medians reported (default 1)",
+      "Compares main.ts, in both styles, with the idiomatic baseline.\n\n  --duration S   seconds per scenario and server (default 3)\n  --runs N       runs per scenario, medians reported (default 1)",
   }, (flags) => ({
     duration: flags.duration ?? 3,
     runs: flags.runs ?? 1,
@@ -112,42 +112,39 @@ async function main(args: string[]): Promise<number> {
   const { duration, runs } = parsed.options;
   const servers = [
     new Server("baseline", "bench/baseline_echo.ts", []),
-    new Server("main.ts", "main.ts", ["--quiet", "--port"]),
+    new Server("callbacks", "main.ts", ["--quiet", "--port"]),
+    new Server("async", "main.ts", ["--quiet", "--style", "async", "--port"]),
   ];
   try {
     await Promise.all(servers.map((server) => server.ready()));
-    // Memory first, while both processes are fresh: load grows heaps that stay grown.
-    const idle = [];
+    // Memory first, while the processes are fresh: load grows heaps that stay grown.
+    const idle: number[] = [];
     for (const server of servers) idle.push(await idleKiB(server));
     console.log(
-      `Deno ${Deno.version.deno}, ${navigator.hardwareConcurrency} cpus; ${duration} s per scenario, median of ${runs} run(s); latency in ms\n`,
+      `Deno ${Deno.version.deno}, ${navigator.hardwareConcurrency} cpus; ${duration} s per scenario, median of ${runs} run(s); latency in ms; main.ts in both styles against the baseline\n`,
     );
-    console.log(
-      row([
-        "scenario",
-        "baseline rt/s",
-        "main.ts rt/s",
-        "ratio",
-        "baseline p50 / p99 / p99.9",
-        "main.ts p50 / p99 / p99.9",
-        "Jain baseline / main.ts",
-      ]),
-    );
-    console.log(row(Array(7).fill("---")));
+    const names = servers.map((server) => server.name);
+    console.log(row([
+      "scenario",
+      ...names.map((name) => `${name} rt/s`),
+      ...names.map((name) => `${name} p50 / p99 / p99.9`),
+      `Jain ${names.join(" / ")}`,
+    ]));
+    console.log(row(Array(2 * names.length + 2).fill("---")));
     let failed = 0;
     for (const scenario of SCENARIOS) {
       const results: LoadResult[][] = servers.map(() => []);
       for (let run = 0; run < runs; run++) {
-        // Alternate who goes first, so that a slow spell hits both alike.
-        const order = run % 2 ? [1, 0] : [0, 1];
-        for (const i of order) {
+        // Rotate who goes first, so that a slow spell hits all alike.
+        for (let k = 0; k < servers.length; k++) {
+          const i = (run + k) % servers.length;
           results[i].push(await runLoad({ port: servers[i].port, duration, ...scenario }));
         }
       }
-      const [base, ours] = results.map((list) =>
+      const medians = results.map((list) =>
         list.sort((a, b) => a.perSecond - b.perSecond)[list.length >> 1]
       );
-      for (const [i, result] of [base, ours].entries()) {
+      for (const [i, result] of medians.entries()) {
         if (result.failed) {
           failed++;
           console.error(
@@ -157,20 +154,20 @@ async function main(args: string[]): Promise<number> {
           );
         }
       }
+      const base = medians[0].perSecond;
       console.log(row([
         scenario.name,
-        Math.round(base.perSecond),
-        Math.round(ours.perSecond),
-        `${(ours.perSecond / base.perSecond).toFixed(2)}x`,
-        latency(base),
-        latency(ours),
-        `${base.jain.toFixed(2)} / ${ours.jain.toFixed(2)}`,
+        ...medians.map((result, i) =>
+          `${Math.round(result.perSecond)}${i ? ` (${(result.perSecond / base).toFixed(2)}x)` : ""}`
+        ),
+        ...medians.map(latency),
+        medians.map((result) => result.jain.toFixed(2)).join(" / "),
       ]));
     }
     console.log(
-      `\nMemory per idle connection (${IDLE_CONNECTIONS} open): baseline ${
-        idle[0].toFixed(1)
-      } KiB, main.ts ${idle[1].toFixed(1)} KiB`,
+      `\nMemory per idle connection (${IDLE_CONNECTIONS} open): ${
+        servers.map((server, i) => `${server.name} ${idle[i].toFixed(1)} KiB`).join(", ")
+      }`,
     );
     return failed ? 1 : 0;
   } finally {
