@@ -75,7 +75,9 @@ export function formatTrace(event: TraceEvent): string {
     case "select": {
       const { ready } = event;
       if (ready.length === 0) return "select() → nothing ready";
-      const keys = ready.map(([key, mask]) => `${describeKey(key)} ${maskName(mask)}`);
+      const shown = ready.length > 4 ? ready.slice(0, 3) : ready; // one line stays readable
+      const keys = shown.map(([key, mask]) => `${describeKey(key)} ${maskName(mask)}`);
+      if (shown.length < ready.length) keys.push(`… ${ready.length - shown.length} more`);
       return `select() → ${ready.length} ready: ${keys.join(", ")}`;
     }
     case "callback":

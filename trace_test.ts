@@ -67,6 +67,10 @@ Deno.test("trace lines name keys by their address and masks by name", () => {
     "select() → 2 ready: listener 127.0.0.1:8888 READ, conn [::1]:5000 READ|WRITE",
   );
   assertEquals(
+    formatTrace({ step: "select", ready: Array(20).fill([conn, 1]) }),
+    "select() → 20 ready: conn [::1]:5000 READ, conn [::1]:5000 READ, conn [::1]:5000 READ, … 17 more",
+  );
+  assertEquals(
     formatTrace({ step: "callback", key: listener, mask: 1 }),
     "  accept(listener 127.0.0.1:8888, READ)",
   );
