@@ -111,6 +111,7 @@ abstract class Waiters {
   #events = 0;
   /** False once closed or aborted: nothing may wait on it any more. */
   open = true;
+  /** The selector the resource is registered with. */
   readonly selector: Selector;
 
   constructor(selector: Selector) {
@@ -151,9 +152,12 @@ abstract class Waiters {
 
 /** A listener's waiters: at most one accept() at a time. */
 class ListenerWaiters extends Waiters {
+  /** True while an accept() waits. */
   #waiting = false;
+  /** The waiting accept()'s promise functions, set by #wait. */
   #resolve: (conn: Connection) => void = () => {};
   #reject: (error: Error) => void = () => {};
+  /** The executor of every accept() promise, made once. */
   readonly #wait = (resolve: (conn: Connection) => void, reject: (error: Error) => void) => {
     this.#resolve = resolve;
     this.#reject = reject;
@@ -204,13 +208,16 @@ class ListenerWaiters extends Waiters {
 
 /** A connection's waiters: at most one recv(), and any number of sends waiting for the queue to drain. */
 class ConnectionWaiters extends Waiters implements Connection {
+  /** The user's data (see Connection). */
   data: unknown = undefined;
   /** True while a recv() waits. */
   #receiving = false;
   /** True after a recv() got bytes: the next one is due, and READ interest stays. */
   #expecting = false;
+  /** The waiting recv()'s promise functions, set by #waitRecv. */
   #resolveRecv: (data: Uint8Array | null) => void = () => {};
   #rejectRecv: (error: Error) => void = () => {};
+  /** The executor of every recv() promise, made once per connection: none per call. */
   readonly #waitRecv = (
     resolve: (data: Uint8Array | null) => void,
     reject: (error: Error) => void,
@@ -220,8 +227,10 @@ class ConnectionWaiters extends Waiters implements Connection {
   };
   /** The promise every send() or drain() waiting for the queue to empty shares, if any. */
   #drain: Promise<void> | undefined = undefined;
+  /** The drain promise's functions, set by #waitDrain. */
   #resolveDrain: () => void = () => {};
   #rejectDrain: (error: Error) => void = () => {};
+  /** The executor of every drain promise, made once per connection. */
   readonly #waitDrain = (resolve: () => void, reject: (error: Error) => void) => {
     this.#resolveDrain = resolve;
     this.#rejectDrain = reject;
