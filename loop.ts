@@ -90,8 +90,8 @@ export const READ = 1;
 /** Interest in, and readiness for, writing: everything queued with `send()` has been written. */
 export const WRITE = 2;
 
-/** What can be registered: a listener (READ only) or a connection. */
-export type Resource = Deno.Listener | Deno.Conn;
+/** What can be registered: a listener (READ only), a connection, or a datagram socket (UDP). */
+export type Resource = Deno.Listener | Deno.Conn | Deno.DatagramConn;
 
 /** Called by {@linkcode Selector.run} for each ready key, with the ready events. */
 export type Callback<T = unknown> = (key: SelectorKey<T>, mask: number) => void;
@@ -134,6 +134,24 @@ export interface SelectorKey<T = unknown> {
    * @throws The error the connection failed with (`Deno.errors.ConnectionReset`...).
    */
   recv(): Uint8Array | null;
+  /**
+   * Takes the datagram a datagram key received, whole, and its sender (Python's
+   * `recvfrom`). Call it when the key is READ-ready. The bytes stay valid as
+   * those of recv() do.
+   *
+   * @returns The datagram (possibly empty) and the address it came from.
+   * @throws The error receiving failed with; the dispatcher tries again.
+   */
+  recvfrom(): [Uint8Array, Deno.Addr];
+  /**
+   * Queues one datagram for `addr` (Python's `sendto`); datagrams go out whole,
+   * in order. One the kernel refuses (e.g. a bad address) is dropped, as UDP
+   * drops. Do not modify the bytes until they are sent.
+   *
+   * @param bytes The datagram, at most 65,507 bytes over IPv4.
+   * @param addr Where to send it.
+   */
+  sendto(bytes: Uint8Array, addr: Deno.Addr): void;
   /**
    * Keeps the bytes the last `recv()` returned valid past the next `select()`:
    * the key starts no read into its buffer until {@linkcode SelectorKey.release}.
@@ -258,6 +276,8 @@ export class Selector {
     const interest = checkEvents(resource, events);
     const key = "read" in resource
       ? new ConnKey(resource, interest, callback, data, this.#core)
+      : "receive" in resource
+      ? new DatagramKey(resource, interest, callback, data, this.#core)
       : new ListenerKey(resource, interest, callback, data, this.#core);
     this.#keys.set(resource, key);
     key.startNext();
@@ -420,12 +440,12 @@ export class Selector {
 
 /** Checks an interest mask: READ and WRITE bits only, READ only for a listener. */
 function checkEvents(resource: Resource, events: number): number {
-  const isConn = "read" in resource;
-  const valid = isConn ? READ | WRITE : READ;
+  const isListener = !("read" in resource) && !("receive" in resource);
+  const valid = isListener ? READ : READ | WRITE;
   if (!Number.isInteger(events) || (events & ~valid) !== 0) {
     throw new RangeError(
       `Invalid events ${events}: a ${
-        isConn ? "connection takes READ and WRITE" : "listener takes READ"
+        isListener ? "listener takes READ" : "connection or datagram socket takes READ and WRITE"
       }`,
     );
   }
@@ -609,6 +629,14 @@ abstract class Key implements SelectorKey<AnyData> {
     throw new TypeError("send() needs a connection's key");
   }
 
+  recvfrom(): [Uint8Array, Deno.Addr] {
+    throw new TypeError("recvfrom() needs a datagram socket's key");
+  }
+
+  sendto(_bytes: Uint8Array, _addr: Deno.Addr): void {
+    throw new TypeError("sendto() needs a datagram socket's key");
+  }
+
   retain(): void {
     throw new TypeError("retain() needs a connection's key");
   }
@@ -748,7 +776,7 @@ const MAX_READ = 64 * 1024;
  * them; the last write of a lent chunk, or release(), returns it. This map
  * finds the key a buffer belongs to, from any send queue.
  */
-const lenders = new WeakMap<ArrayBufferLike, ConnKey>();
+const lenders = new WeakMap<ArrayBufferLike, { lent(delta: number): void }>();
 
 /** A connection's key: keeps one read in flight, and writes what send() queues. */
 class ConnKey extends Key {
@@ -921,6 +949,195 @@ class ConnKey extends Key {
   #fail(error: Error): void {
     this.error ??= error;
     this.core.markReady(this);
+  }
+}
+
+/** The receive buffer of a datagram socket: the largest UDP payload fits whole. */
+const DATAGRAM_BUFFER = 65_536;
+/** After a receive error other than closing, the next receive waits this long (no spin). */
+const DATAGRAM_RETRY_MS = 10;
+
+/**
+ * A datagram socket's key: keeps one receive in flight (concurrent receives
+ * complete out of order) into a buffer that holds any datagram whole, and
+ * sends what sendto() queues, one datagram at a time, in order. Its bytes are
+ * lent as a connection's are. Fairness (§3) does not apply: it is one socket.
+ */
+class DatagramKey extends Key {
+  /** True while a receive() is pending. */
+  #receiving = false;
+  /** The datagram received and not yet taken, and its sender. */
+  #datagram: Uint8Array | undefined = undefined;
+  #from: Deno.Addr | undefined = undefined;
+  /** True once the socket is closed: no receive will ever work again. */
+  #gone = false;
+  /** The timer that ends the pause after a receive error. */
+  #retryTimer: ReturnType<typeof setTimeout> | undefined = undefined;
+  /** Datagrams of #buf waiting in some send queue, plus one while retained: no receive while any. */
+  #lent = 0;
+  /** True between retain() and release(). */
+  #retained = false;
+  /** The receive buffer, made at the first receive. */
+  #buf: Uint8Array | undefined = undefined;
+  /** The send queue: datagrams and their addresses, from #head on. */
+  #queue: ([Uint8Array, Deno.Addr] | undefined)[] = [];
+  #head = 0;
+  /** Bytes in the send queue. */
+  #queued = 0;
+  /** True while a send() is pending. */
+  #sending = false;
+  /** Backpressure, as for a connection. */
+  #paused = false;
+
+  override get queued(): number {
+    return this.#queued;
+  }
+
+  get readiness(): number {
+    if (this.error) return READ | WRITE;
+    return (this.#datagram ? READ : 0) | (this.#queued === 0 && !this.#sending ? WRITE : 0);
+  }
+
+  override recvfrom(): [Uint8Array, Deno.Addr] {
+    const datagram = this.#datagram;
+    if (datagram) {
+      this.#datagram = undefined;
+      if (!this.pinned) this.core.pin(this); // the bytes are the caller's until select()
+      return [datagram, this.#from!];
+    }
+    const error = this.error;
+    if (!error) throw new Deno.errors.WouldBlock("recvfrom() before the key was ready");
+    if (!this.#gone) { // a passing error: receive again after a pause
+      this.error = undefined;
+      this.#retryTimer = setTimeout(this.#retry, DATAGRAM_RETRY_MS);
+    }
+    throw error;
+  }
+
+  override sendto(bytes: Uint8Array, addr: Deno.Addr): void {
+    if (this.#gone) throw this.error;
+    if (!this.registered) throw new Deno.errors.BadResource("sendto() on an unregistered key");
+    this.#lend(bytes, 1);
+    this.#queue.push([bytes, addr]);
+    this.#queued += bytes.byteLength;
+    if (this.#queued > this.core.highWaterMark && !this.#paused) {
+      this.#paused = true;
+      this.core.trace?.({ step: "pause", key: this });
+    }
+    if (!this.#sending) this.#sendNext();
+  }
+
+  override retain(): void {
+    if (this.#retained) return;
+    this.#retained = true;
+    this.lent(1);
+  }
+
+  override release(): void {
+    if (!this.#retained) return;
+    this.#retained = false;
+    this.lent(-1);
+  }
+
+  /** Counts datagrams of this key's buffer entering (+1) or leaving (-1) a send queue. */
+  lent(delta: number): void {
+    this.#lent += delta;
+    if (this.#lent === 0) this.startNext();
+  }
+
+  startNext(): void {
+    if (
+      this.#receiving || !this.registered || !(this.events & READ) || this.error ||
+      this.#datagram || this.pinned || this.#lent > 0 || this.#paused || this.#retryTimer
+    ) return;
+    if (!this.#buf) {
+      this.#buf = new Uint8Array(DATAGRAM_BUFFER);
+      lenders.set(this.#buf.buffer, this);
+    }
+    this.#receiving = true;
+    (this.resource as Deno.DatagramConn).receive(this.#buf).then(
+      this.#onReceive,
+      this.#onReceiveError,
+    );
+  }
+
+  cancel(): void {
+    this.registered = false;
+    clearTimeout(this.#retryTimer);
+    this.#retryTimer = undefined;
+    // A datagram being sent stays lent until its send completes.
+    this.#dropQueue(this.#sending ? this.#head + 1 : this.#head);
+  }
+
+  #onReceive = ([datagram, from]: [Uint8Array, Deno.Addr]): void => {
+    this.#receiving = false;
+    if (!this.registered) return;
+    this.#datagram = datagram;
+    this.#from = from;
+    this.core.markReady(this);
+  };
+
+  #onReceiveError = (error: Error): void => {
+    this.#receiving = false;
+    if (!this.registered) return;
+    if (resourceGone(error)) this.#gone = true;
+    this.error = error;
+    this.core.markReady(this);
+  };
+
+  #retry = (): void => {
+    this.#retryTimer = undefined;
+    this.startNext();
+  };
+
+  #sendNext(): void {
+    this.#sending = true;
+    const [bytes, addr] = this.#queue[this.#head]!;
+    (this.resource as Deno.DatagramConn).send(bytes, addr).then(this.#onSent, this.#onSendError);
+  }
+
+  /** A send completed; one that failed is dropped the same way, unless the socket is gone. */
+  #onSent = (): void => {
+    const [bytes] = this.#queue[this.#head]!;
+    this.#queue[this.#head++] = undefined;
+    this.#lend(bytes, -1);
+    if (!this.registered) return;
+    this.#queued -= bytes.byteLength;
+    if (this.#paused && this.#queued <= this.core.lowWaterMark) {
+      this.#paused = false;
+      this.core.trace?.({ step: "resume", key: this });
+      this.startNext();
+    }
+    if (this.#head < this.#queue.length) return this.#sendNext();
+    this.#queue.length = 0;
+    this.#head = 0;
+    this.#sending = false;
+    if (this.events & WRITE) this.core.markReady(this);
+  };
+
+  #onSendError = (error: Error): void => {
+    if (!resourceGone(error) || !this.registered) return this.#onSent(); // dropped, as UDP drops
+    this.#sending = false;
+    this.#gone = true;
+    this.#dropQueue(this.#head); // nothing more can be sent
+    this.error ??= error;
+    this.core.markReady(this);
+  };
+
+  /** Empties the send queue, returning lent buffers from datagram `from` on. */
+  #dropQueue(from: number): void {
+    for (let i = from; i < this.#queue.length; i++) this.#lend(this.#queue[i]![0], -1);
+    if (from === this.#head) {
+      this.#queue = [];
+      this.#head = 0;
+    } else this.#queue.length = from; // keep the datagram being sent
+    this.#queued = 0;
+  }
+
+  /** Tells the key whose buffer `bytes` come from that they are (+1) or no longer (-1) queued. */
+  #lend(bytes: Uint8Array, delta: number): void {
+    if (bytes.buffer === this.#buf?.buffer) this.lent(delta); // an echo: our own buffer
+    else lenders.get(bytes.buffer)?.lent(delta);
   }
 }
 

@@ -100,6 +100,9 @@ Deno.test("invalid interest masks are refused", async () => {
   assertThrows(() => selector.register(listener, WRITE, noop), RangeError);
   assertThrows(() => selector.register(ours, 4, noop), RangeError);
   assertThrows(() => selector.register(ours, 1.5, noop), RangeError);
+  const udp = Deno.listenDatagram({ transport: "udp", hostname: "127.0.0.1", port: 0 });
+  assertThrows(() => selector.register(udp, 4, noop), RangeError);
+  udp.close();
   assertEquals(selector.size, 0);
   ours.close();
   peer.close();
@@ -273,4 +276,46 @@ Deno.test("select() over 2,000 idle keys with one active returns just that one",
   assertEquals(events.map(([key, mask]) => [key.data, mask]), [[1234, READ]]);
   selector.close();
   for (const peer of peers) peer.close();
+});
+
+/** A datagram socket on loopback. */
+function udpSocket(): Deno.DatagramConn {
+  return Deno.listenDatagram({ transport: "udp", hostname: "127.0.0.1", port: 0 });
+}
+
+Deno.test("a datagram key is READ-ready per datagram; recvfrom() gives it whole with its sender", async () => {
+  const server = udpSocket();
+  const peer = udpSocket();
+  const selector = new Selector();
+  const key = selector.register(server, READ, noop);
+  const serverAddr = server.addr as Deno.NetAddr;
+  for (const size of [0, 1, 1500, 65_507]) {
+    const datagram = new Uint8Array(size).map((_, i) => (i * 7 + size) & 0xff);
+    await peer.send(datagram, serverAddr);
+    assertEquals(await nextEvent(selector, key), READ);
+    const [received, from] = key.recvfrom();
+    assertEquals(received, datagram, `a ${size}-byte datagram`);
+    assertEquals((from as Deno.NetAddr).port, (peer.addr as Deno.NetAddr).port);
+    key.sendto(received, from); // echo: lent until sent
+    const [echoed] = await deadline(peer.receive(), `the echo of ${size} bytes`);
+    assertEquals(echoed, datagram);
+  }
+  assertThrows(() => key.recv(), TypeError);
+  selector.close();
+  peer.close();
+});
+
+Deno.test("a datagram the kernel refuses is dropped, and the socket goes on", async () => {
+  const server = udpSocket();
+  const peer = udpSocket();
+  const selector = new Selector();
+  const key = selector.register(server, WRITE, noop);
+  key.sendto(text("lost"), { transport: "udp", hostname: "127.0.0.1", port: 0 }); // EINVAL
+  key.sendto(text("kept"), peer.addr);
+  const [echoed] = await deadline(peer.receive(), "the second datagram");
+  assertEquals(echoed, text("kept"));
+  assertEquals(await nextEvent(selector, key), WRITE);
+  assertEquals([key.queued, key.error], [0, undefined]);
+  selector.close();
+  peer.close();
 });

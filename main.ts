@@ -17,7 +17,7 @@
  * @module
  */
 
-import { READ, Selector, type SelectorKey, type TraceEvent, WRITE } from "./loop.ts";
+import { READ, type Resource, Selector, type SelectorKey, type TraceEvent, WRITE } from "./loop.ts";
 import { AsyncLoop, type Connection } from "./async_loop.ts";
 import { type Flags, parseCommandLine, UsageError, withDefaults } from "./cli.ts";
 import { createTracer, formatAddr } from "./trace.ts";
@@ -88,7 +88,7 @@ interface Peer {
 
 /** A connection in either style: its selector key, or its coroutines' Connection. */
 interface Client {
-  readonly resource: Deno.Listener | Deno.Conn;
+  readonly resource: Resource;
   readonly queued: number;
   data: Peer;
 }

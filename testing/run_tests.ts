@@ -16,6 +16,8 @@ const PERMISSIONS = [
   "--allow-run=deno,sh",
   // Replays the random-chunking test: ECHO_SEED=123 deno task test.
   "--allow-env=ECHO_SEED",
+  // Deno.listenDatagram (UDP) is still unstable in Deno 2.
+  "--unstable-net",
 ];
 
 async function run(args: string[], quiet = false): Promise<number> {
