@@ -71,7 +71,7 @@
  * @module
  */
 
-import { READ, Selector, type SelectorKey, WRITE } from "./loop.ts";
+import { READ, type Resource, Selector, type SelectorKey, WRITE } from "./loop.ts";
 
 /** A connection served by coroutines: pass it to the loop's recv(), send() and close(). */
 export interface Connection<T = unknown> {
@@ -82,6 +82,18 @@ export interface Connection<T = unknown> {
   /** The error that ended the connection, if one did (a reset, a broken pipe...). */
   readonly error: Error | undefined;
   /** Anything you attach to the connection. */
+  data: T;
+}
+
+/** A datagram (UDP) socket served by coroutines: pass it to the loop's recvfrom() and sendto(). */
+export interface DatagramSocket<T = unknown> {
+  /** The Deno socket, for its address (do not receive or send on it directly). */
+  readonly resource: Deno.DatagramConn;
+  /** Bytes queued by sendto() and not yet sent. */
+  readonly queued: number;
+  /** The error that ended the socket, if one did. */
+  readonly error: Error | undefined;
+  /** Anything you attach to the socket. */
   data: T;
 }
 
@@ -136,6 +148,8 @@ abstract class Waiters {
       ? `${result.name}: ${result.message}`
       : result instanceof ConnectionWaiters
       ? result.key
+      : Array.isArray(result)
+      ? `${result[0].length} bytes from ${describeAddr(result[1])}`
       : String(result);
     trace({ step: "wake", key: this.key, call, result: shown });
   }
@@ -206,39 +220,43 @@ class ListenerWaiters extends Waiters {
   }
 }
 
-/** A connection's waiters: at most one recv(), and any number of sends waiting for the queue to drain. */
-class ConnectionWaiters extends Waiters implements Connection {
+/**
+ * What waits on a connection or datagram socket: at most one receive (recv()
+ * or recvfrom()), and any number of sends waiting for the queue to drain.
+ * `T` is what a receive gives.
+ */
+abstract class IoWaiters<T> extends Waiters {
   /** The user's data (see Connection). */
   data: unknown = undefined;
-  /** True while a recv() waits. */
+  /** The name of the receive call, for errors and traces. */
+  abstract readonly call: string;
+  /** True while a receive waits. */
   #receiving = false;
-  /** True after a recv() got bytes: the next one is due, and READ interest stays. */
+  /** True after a receive got bytes: the next one is due, and READ interest stays. */
   #expecting = false;
-  /** The waiting recv()'s promise functions, set by #waitRecv. */
-  #resolveRecv: (data: Uint8Array | null) => void = () => {};
-  #rejectRecv: (error: Error) => void = () => {};
-  /** The executor of every recv() promise, made once per connection: none per call. */
-  readonly #waitRecv = (
-    resolve: (data: Uint8Array | null) => void,
-    reject: (error: Error) => void,
-  ) => {
-    this.#resolveRecv = resolve;
-    this.#rejectRecv = reject;
+  /** The waiting receive's promise functions, set by #waitReceive. */
+  #resolveReceive: (value: T) => void = () => {};
+  #rejectReceive: (error: Error) => void = () => {};
+  /** The executor of every receive promise, made once per resource: none per call. */
+  readonly #waitReceive = (resolve: (value: T) => void, reject: (error: Error) => void) => {
+    this.#resolveReceive = resolve;
+    this.#rejectReceive = reject;
   };
-  /** The promise every send() or drain() waiting for the queue to empty shares, if any. */
+  /** The promise every send or drain waiting for the queue to empty shares, if any. */
   #drain: Promise<void> | undefined = undefined;
   /** The drain promise's functions, set by #waitDrain. */
   #resolveDrain: () => void = () => {};
   #rejectDrain: (error: Error) => void = () => {};
-  /** The executor of every drain promise, made once per connection. */
+  /** The executor of every drain promise, made once per resource. */
   readonly #waitDrain = (resolve: () => void, reject: (error: Error) => void) => {
     this.#resolveDrain = resolve;
     this.#rejectDrain = reject;
   };
 
-  get resource(): Deno.Conn {
-    return this.key.resource as Deno.Conn;
-  }
+  /** Takes what the key received: it is READ-ready. */
+  abstract take(): T;
+  /** Whether `value` holds bytes of the key's buffer, to retain until the next receive. */
+  abstract holdsBytes(value: T): boolean;
 
   get queued(): number {
     return this.key.queued;
@@ -248,25 +266,20 @@ class ConnectionWaiters extends Waiters implements Connection {
     return this.key.error;
   }
 
-  recv(): Promise<Uint8Array | null> {
-    if (!this.open) return Promise.reject(closedError("recv()"));
+  receive(): Promise<T> {
+    if (!this.open) return Promise.reject(closedError(`${this.call}()`));
     if (this.#receiving) {
-      return Promise.reject(new Error("recv() is already waiting on this connection"));
+      return Promise.reject(new Error(`${this.call}() is already waiting here`));
     }
-    const received = new Promise(this.#waitRecv);
+    const received = new Promise(this.#waitReceive);
     this.#receiving = true;
-    this.key.release(); // the bytes of the last recv() may be overwritten now
+    this.key.release(); // the bytes of the last receive may be overwritten now
     this.follow();
     return received;
   }
 
-  send(bytes: Uint8Array): Promise<void> {
-    if (!this.open) return Promise.reject(closedError("send()"));
-    try {
-      this.key.send(bytes);
-    } catch (error) {
-      return Promise.reject(error);
-    }
+  /** Resolves at once (one shared promise) within the high-water mark, else when written. */
+  sent(): Promise<void> {
     return this.key.queued > this.selector.highWaterMark ? this.drain() : SENT;
   }
 
@@ -276,15 +289,15 @@ class ConnectionWaiters extends Waiters implements Connection {
     if (this.key.queued === 0) return SENT;
     if (this.#drain) return this.#drain; // several may wait for the same queue
     this.#drain = new Promise<void>(this.#waitDrain);
-    this.#drain.catch(() => {}); // a send() nobody awaits must not end the process if it fails
+    this.#drain.catch(() => {}); // a send nobody awaits must not end the process if it fails
     this.follow();
     return this.#drain;
   }
 
   /**
-   * READ while a recv() waits, and also after it got bytes, when the next
-   * recv() is due: those bytes are retained, so no read can start (and no
-   * event come) before that recv(). After EOF or an error, and once waits are
+   * READ while a receive waits, and also after it got bytes, when the next
+   * receive is due: those bytes are retained, so no read can start (and no
+   * event come) before it. After EOF or an error, and once waits are
    * interrupted, READ goes, since those stay ready and nobody may ask again.
    */
   wanted(): number {
@@ -298,20 +311,21 @@ class ConnectionWaiters extends Waiters implements Connection {
 
   #received(): void {
     this.#receiving = false;
-    let data: Uint8Array | null;
+    let value: T;
     try {
-      data = this.key.recv(); // should be ready
+      value = this.take(); // should be ready
     } catch (error) {
       this.#expecting = false;
       this.follow();
-      if (this.selector.trace) this.traceWake("recv", error);
-      return this.#rejectRecv(error as Error);
+      if (this.selector.trace) this.traceWake(this.call, error);
+      return this.#rejectReceive(error as Error);
     }
-    if (data) this.key.retain(); // no read into them before the next recv(): they stay valid
-    this.#expecting = data !== null;
+    // No read into the bytes before the next receive: they stay valid.
+    this.#expecting = this.holdsBytes(value);
+    if (this.#expecting) this.key.retain();
     this.follow();
-    if (this.selector.trace) this.traceWake("recv", data);
-    this.#resolveRecv(data);
+    if (this.selector.trace) this.traceWake(this.call, value);
+    this.#resolveReceive(value);
   }
 
   #drained(): void {
@@ -323,23 +337,87 @@ class ConnectionWaiters extends Waiters implements Connection {
     else this.#resolveDrain();
   }
 
-  /** Rejects a waiting recv() with `error`. */
-  rejectRecv(error: Error): void {
+  /** Rejects a waiting receive with `error`. */
+  rejectReceive(error: Error): void {
     this.#expecting = false;
     if (this.#receiving) {
       this.#receiving = false;
-      this.#rejectRecv(error);
+      this.#rejectReceive(error);
     }
     this.follow();
   }
 
   rejectAll(error: Error): void {
-    this.rejectRecv(error);
+    this.rejectReceive(error);
     if (!this.#drain) return;
     this.#drain = undefined;
     this.#rejectDrain(error);
     this.follow();
   }
+}
+
+/** A connection's waiters: recv() gives bytes, or null at EOF. */
+class ConnectionWaiters extends IoWaiters<Uint8Array | null> implements Connection {
+  readonly call = "recv";
+
+  get resource(): Deno.Conn {
+    return this.key.resource as Deno.Conn;
+  }
+
+  take(): Uint8Array | null {
+    return this.key.recv();
+  }
+
+  holdsBytes(data: Uint8Array | null): boolean {
+    return data !== null;
+  }
+
+  send(bytes: Uint8Array): Promise<void> {
+    if (!this.open) return Promise.reject(closedError("send()"));
+    try {
+      this.key.send(bytes);
+    } catch (error) {
+      return Promise.reject(error);
+    }
+    return this.sent();
+  }
+}
+
+/** A datagram socket's waiters: recvfrom() gives a datagram and its sender. */
+class DatagramWaiters extends IoWaiters<[Uint8Array, Deno.Addr]> implements DatagramSocket {
+  readonly call = "recvfrom";
+
+  get resource(): Deno.DatagramConn {
+    return this.key.resource as Deno.DatagramConn;
+  }
+
+  take(): [Uint8Array, Deno.Addr] {
+    return this.key.recvfrom();
+  }
+
+  holdsBytes(): boolean {
+    return true;
+  }
+
+  sendto(bytes: Uint8Array, addr: Deno.Addr): Promise<void> {
+    if (!this.open) return Promise.reject(closedError("sendto()"));
+    try {
+      this.key.sendto(bytes, addr);
+    } catch (error) {
+      return Promise.reject(error);
+    }
+    return this.sent();
+  }
+}
+
+/** The waiters behind a handle: every Connection and DatagramSocket is one. */
+function waitersOf(handle: Connection | DatagramSocket): IoWaiters<unknown> {
+  return handle as unknown as IoWaiters<unknown>;
+}
+
+/** `host:port` of an address, for traces. */
+function describeAddr(addr: Deno.Addr): string {
+  return "hostname" in addr ? `${addr.hostname}:${addr.port}` : addr.transport;
 }
 
 function closedError(call: string): Error {
@@ -394,13 +472,19 @@ export class AsyncLoop {
   }
 
   /**
-   * Registers a connection that was not accepted by this loop, e.g. from `Deno.connect()`.
+   * Registers a connection that was not accepted by this loop, e.g. from
+   * `Deno.connect()`, or a datagram socket from `Deno.listenDatagram()`.
    *
-   * @param conn The connection.
-   * @returns It, ready for recv() and send().
+   * @param resource The connection or socket.
+   * @returns It, ready for recv() and send(), or recvfrom() and sendto().
    */
-  adopt(conn: Deno.Conn): Connection {
-    return this.#adopt(conn);
+  adopt(resource: Deno.Conn): Connection;
+  adopt(resource: Deno.DatagramConn): DatagramSocket;
+  adopt(resource: Deno.Conn | Deno.DatagramConn): Connection | DatagramSocket {
+    if ("read" in resource) return this.#adopt(resource);
+    const waiters = new DatagramWaiters(this.selector);
+    this.#register(waiters, resource);
+    return waiters;
   }
 
   /**
@@ -415,7 +499,7 @@ export class AsyncLoop {
    *   an Error if another recv() already waits on it.
    */
   recv(conn: Connection): Promise<Uint8Array | null> {
-    return (conn as ConnectionWaiters).recv();
+    return (conn as ConnectionWaiters).receive();
   }
 
   /**
@@ -433,36 +517,61 @@ export class AsyncLoop {
   }
 
   /**
-   * Waits until everything queued on the connection is written (asyncio's `writer.drain()`).
+   * Waits for a datagram (asyncio's `loop.sock_recvfrom`). Its bytes stay
+   * valid until the next recvfrom() on this socket, or until sent.
    *
-   * @param conn The connection.
-   * @throws The error the connection failed with; `Deno.errors.Interrupted` as for recv().
+   * @param socket The datagram socket.
+   * @returns The datagram, whole (possibly empty), and the address it came from.
+   * @throws `Deno.errors.Interrupted` if the socket is closed or interrupted, or the loop
+   *   stops; an error receiving failed with (call again); an Error if another waits.
    */
-  drain(conn: Connection): Promise<void> {
-    return (conn as ConnectionWaiters).drain();
+  recvfrom(socket: DatagramSocket): Promise<[Uint8Array, Deno.Addr]> {
+    return (socket as DatagramWaiters).receive();
   }
 
   /**
-   * Rejects what waits on a connection (recv, send, drain) with
-   * `Deno.errors.Interrupted`; the connection stays open.
+   * Queues a datagram for `addr` (asyncio's `loop.sock_sendto`); one the
+   * kernel refuses is dropped. Resolves as send() does.
    *
-   * @param conn The connection.
+   * @param socket The datagram socket.
+   * @param bytes The datagram.
+   * @param addr Where to send it.
    */
-  interrupt(conn: Connection): void {
-    (conn as ConnectionWaiters).rejectAll(interrupted("interrupted"));
+  sendto(socket: DatagramSocket, bytes: Uint8Array, addr: Deno.Addr): Promise<void> {
+    return (socket as DatagramWaiters).sendto(bytes, addr);
   }
 
   /**
-   * Writes back what is queued, then closes the connection. A recv() another
-   * coroutine waits in is interrupted; a waiting send() resolves once its
-   * bytes are written, as it would have.
+   * Waits until everything queued is written (asyncio's `writer.drain()`).
    *
-   * @param conn The connection.
+   * @param conn The connection or datagram socket.
+   * @throws The error it failed with; `Deno.errors.Interrupted` as for recv().
    */
-  async close(conn: Connection): Promise<void> {
-    const waiters = conn as ConnectionWaiters;
+  drain(conn: Connection | DatagramSocket): Promise<void> {
+    return waitersOf(conn).drain();
+  }
+
+  /**
+   * Rejects what waits on a connection or datagram socket (a receive, a send,
+   * a drain) with `Deno.errors.Interrupted`; it stays open.
+   *
+   * @param conn The connection or datagram socket.
+   */
+  interrupt(conn: Connection | DatagramSocket): void {
+    waitersOf(conn).rejectAll(interrupted("interrupted"));
+  }
+
+  /**
+   * Writes back what is queued, then closes the connection or socket. A
+   * receive another coroutine waits in is interrupted; a waiting send resolves
+   * once its bytes are written, as it would have.
+   *
+   * @param conn The connection or datagram socket.
+   */
+  async close(conn: Connection | DatagramSocket): Promise<void> {
+    const waiters = waitersOf(conn);
     if (!waiters.open) return;
-    waiters.rejectRecv(interrupted("the connection is closing"));
+    waiters.rejectReceive(interrupted("closing"));
     try {
       await waiters.drain();
     } catch {
@@ -472,14 +581,14 @@ export class AsyncLoop {
   }
 
   /**
-   * Closes a connection now, dropping what is queued, or a listener; what
-   * waits on it is interrupted.
+   * Closes a connection or datagram socket now, dropping what is queued, or a
+   * listener; what waits on it is interrupted.
    *
-   * @param conn The connection or listener.
+   * @param conn The connection, datagram socket or listener.
    */
-  abort(conn: Connection | Deno.Listener): void {
+  abort(conn: Connection | DatagramSocket | Deno.Listener): void {
     const waiters = "data" in conn
-      ? conn as ConnectionWaiters
+      ? waitersOf(conn)
       : this.selector.getKey(conn)?.data as Waiters | undefined;
     const resource = waiters?.key.resource ?? conn as Deno.Listener;
     if (waiters?.open) {
@@ -536,7 +645,7 @@ export class AsyncLoop {
     this.#registered.clear();
   }
 
-  #register(waiters: Waiters, resource: Deno.Conn | Deno.Listener): void {
+  #register(waiters: Waiters, resource: Resource): void {
     waiters.key = this.selector.register(resource, 0, dispatch, waiters);
     this.#registered.add(waiters);
   }

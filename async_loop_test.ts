@@ -219,3 +219,26 @@ Deno.test("fifty connections are served at once, each its own bytes", async () =
   await Promise.all(conns.map((conn, i) => roundTrip(conn, pattern(10_000, i))));
   for (const conn of conns) conn.close();
 });
+
+Deno.test("coroutines echo datagrams whole with recvfrom() and sendto(), empty ones too", async () => {
+  const loop = new AsyncLoop();
+  const socket = loop.adopt(
+    Deno.listenDatagram({ transport: "udp", hostname: "127.0.0.1", port: 0 }),
+  );
+  const peer = Deno.listenDatagram({ transport: "udp", hostname: "127.0.0.1", port: 0 });
+  loop.spawn((async () => {
+    for (;;) {
+      const [datagram, from] = await loop.recvfrom(socket);
+      await loop.sendto(socket, datagram, from);
+    }
+  })());
+  await using _ = running(loop);
+  const address = socket.resource.addr;
+  for (const size of [0, 5, 65_507]) {
+    const datagram = pattern(size, size);
+    await peer.send(datagram, address);
+    const [echoed] = await deadline(peer.receive(), `the echo of ${size} bytes`);
+    assertEquals(echoed, datagram);
+  }
+  peer.close();
+});
