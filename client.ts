@@ -1,10 +1,12 @@
 /**
  * The lesson's test client: opens twenty concurrent connections to the echo
  * server; each sends `hello`, reads until the whole echo is back, checks it
- * byte for byte, and closes.
+ * byte for byte, and closes. Over TCP (the lesson's), a Unix socket, or UDP:
+ * twenty senders, each waiting for its datagram to come back, sent again if
+ * it does not (UDP may drop).
  *
  * ```sh
- * deno run --allow-net=127.0.0.1 client.ts --port 8888
+ * deno run --allow-net=127.0.0.1 client.ts --port 8888 [--udp | --unix PATH]
  * ```
  *
  * @module
@@ -24,6 +26,12 @@ export interface ClientOptions {
   message?: string | Uint8Array;
   /** Milliseconds each connection may take, connect to echo. @default {10000} */
   timeout?: number;
+  /** Connect to this Unix socket instead of hostname and port. */
+  unixPath?: string;
+  /** Send UDP datagrams instead: each waits timeout / (retries + 1) ms for its reply. @default {false} */
+  udp?: boolean;
+  /** UDP: how many times a datagram with no reply is sent again. @default {2} */
+  retries?: number;
 }
 
 /** How one connection went. */
@@ -36,7 +44,7 @@ export interface ClientResult {
   ms: number;
   /** Why it failed, if it did. */
   error?: string;
-  /** True if the failure was a refused connection (no server). */
+  /** True if the failure means no server answers: a refused connection, or no UDP reply at all. */
   refused?: boolean;
 }
 
@@ -47,6 +55,9 @@ const DEFAULTS: Required<ClientOptions> = {
   count: 20,
   message: "hello",
   timeout: 10_000,
+  unixPath: "",
+  udp: false,
+  retries: 2,
 };
 
 /**
@@ -59,7 +70,7 @@ const DEFAULTS: Required<ClientOptions> = {
  * import { assert } from "@std/assert";
  *
  * const server = serve({ port: 0, logLevel: "quiet" });
- * const results = await runClients({ port: server.addr.port });
+ * const results = await runClients({ port: (server.addr as Deno.NetAddr).port });
  * assert(results.every((result) => result.ok));
  * await server.close();
  * ```
@@ -70,25 +81,21 @@ const DEFAULTS: Required<ClientOptions> = {
 export function runClients(
   options: ClientOptions = {},
 ): Promise<ClientResult[]> {
-  const { hostname, port, count, message, timeout } = withDefaults(options, DEFAULTS);
+  const settings = withDefaults(options, DEFAULTS);
+  const { message } = settings;
   const bytes = typeof message === "string" ? new TextEncoder().encode(message) : message;
-  const runs = [];
-  for (let i = 0; i < count; i++) {
-    runs.push(echoOnce(hostname, port, bytes, timeout));
-  }
-  return Promise.all(runs);
+  const once = settings.udp ? datagramOnce : echoOnce;
+  return Promise.all(Array.from({ length: settings.count }, () => once(settings, bytes)));
 }
 
 /** One connection: connect, send, read the whole echo, expect EOF after it. */
 async function echoOnce(
-  hostname: string,
-  port: number,
+  { hostname, port, unixPath, timeout }: Required<ClientOptions>,
   message: Uint8Array,
-  timeout: number,
 ): Promise<ClientResult> {
   const start = performance.now();
   const abort = new AbortController();
-  let open: Deno.TcpConn | undefined; // to close on timeout or when done
+  let open: Deno.Conn | undefined; // to close on timeout or when done
   const timer = setTimeout(() => {
     abort.abort();
     open?.close(); // ends a pending read or write
@@ -103,12 +110,12 @@ async function echoOnce(
     ...(refused ? { refused } : {}),
   });
   try {
-    const conn = open = await Deno.connect({
-      hostname,
-      port,
-      signal: abort.signal,
-    });
-    conn.setNoDelay(true); // Deno leaves Nagle on: small writes would wait ~40 ms
+    const { signal } = abort;
+    const conn = open = unixPath
+      ? await Deno.connect({ transport: "unix", path: unixPath }) // at once, or refused
+      : await Deno.connect({ hostname, port, signal });
+    // Deno leaves Nagle on: small writes would wait ~40 ms.
+    if ("setNoDelay" in conn) (conn as Deno.TcpConn).setNoDelay(true);
     for (let sent = 0; sent < message.length;) {
       sent += await conn.write(message.subarray(sent));
     }
@@ -140,7 +147,10 @@ async function echoOnce(
       );
     }
     if (error instanceof Deno.errors.ConnectionRefused) {
-      return result(`connection refused by ${hostname}:${port}`, true);
+      return result(`connection refused by ${unixPath || `${hostname}:${port}`}`, true);
+    }
+    if (error instanceof Deno.errors.NotFound && unixPath) {
+      return result(`no socket at ${unixPath}`, true);
     }
     return result(
       error instanceof Error ? `${error.name}: ${error.message}` : String(error),
@@ -151,8 +161,89 @@ async function echoOnce(
   }
 }
 
+/**
+ * One UDP sender: sends the message from a socket of its own and waits for the
+ * same datagram back from the server; sends it again after each wait with no
+ * reply, `retries` times.
+ */
+async function datagramOnce(
+  { hostname, port, timeout, retries }: Required<ClientOptions>,
+  message: Uint8Array,
+): Promise<ClientResult> {
+  const start = performance.now();
+  const server: Deno.NetAddr = { transport: "udp", hostname, port };
+  // Bind where replies from that host can reach: its loopback, or every address.
+  const local = hostname.includes(":")
+    ? (hostname === "::1" ? "::1" : "::")
+    : (hostname.startsWith("127.") ? "127.0.0.1" : "0.0.0.0");
+  const socket = Deno.listenDatagram({ transport: "udp", hostname: local, port: 0 });
+  const wait = timeout / (retries + 1);
+  const buffer = new Uint8Array(65_536); // a smaller one would truncate the datagram
+  // One receive at a time, kept across tries: concurrent receives complete in any order.
+  let receiving: Promise<[Uint8Array, Deno.Addr]> | undefined;
+  /** The next datagram from the server within `ms`, or undefined (others are ignored). */
+  const replyWithin = async (ms: number): Promise<Uint8Array | undefined> => {
+    let timer: ReturnType<typeof setTimeout> | undefined;
+    const late = new Promise<undefined>((resolve) => {
+      timer = setTimeout(() => resolve(undefined), ms);
+    });
+    try {
+      for (;;) {
+        if (!receiving) {
+          receiving = socket.receive(buffer);
+          receiving.catch(() => {}); // ends with Interrupted when the socket closes
+        }
+        const received = await Promise.race([receiving, late]);
+        if (!received) return undefined; // the receive stays pending for the next try
+        receiving = undefined;
+        const [reply, from] = received;
+        if ((from as Deno.NetAddr).port === server.port) return reply.slice();
+      }
+    } finally {
+      clearTimeout(timer);
+    }
+  };
+  let lastError = "";
+  try {
+    for (let attempt = 0; attempt <= retries; attempt++) {
+      try {
+        await socket.send(message, server);
+      } catch (error) {
+        lastError = error instanceof Error ? `${error.name}: ${error.message}` : String(error);
+        continue;
+      }
+      const reply = await replyWithin(wait);
+      if (!reply) continue; // lost, or no server: send again
+      const ms = performance.now() - start;
+      if (reply.length !== message.length) {
+        return {
+          ok: false,
+          bytes: reply.length,
+          ms,
+          error: `got ${reply.length} bytes back, not ${message.length}`,
+        };
+      }
+      const at = reply.findIndex((byte, i) => byte !== message[i]);
+      if (at >= 0) {
+        return {
+          ok: false,
+          bytes: reply.length,
+          ms,
+          error: `byte ${at} differs: sent ${message[at]}, got ${reply[at]}`,
+        };
+      }
+      return { ok: true, bytes: reply.length, ms };
+    }
+  } finally {
+    socket.close();
+  }
+  const tries = retries + 1;
+  const why = lastError || `no reply from ${hostname}:${port} after ${tries} tries`;
+  return { ok: false, bytes: 0, ms: performance.now() - start, error: why, refused: !lastError };
+}
+
 const USAGE =
-  `usage: deno run --allow-net=127.0.0.1 client.ts [--host H] [--port N] [--count N] [--message TEXT] [--timeout MS]`;
+  `usage: deno run --allow-net=127.0.0.1 client.ts [--host H] [--port N] [--udp [--retries N]] [--unix PATH] [--count N] [--message TEXT] [--timeout MS]`;
 
 const HELP = `Opens concurrent connections to an echo server; each sends a message and checks
 that exactly that message comes back.
@@ -161,9 +252,13 @@ ${USAGE}
 
   --host H         server address (default ${DEFAULTS.hostname})
   --port N         server port (default ${DEFAULTS.port})
-  --count N        concurrent connections (default ${DEFAULTS.count})
+  --udp            send UDP datagrams instead, each from its own socket (needs --unstable-net)
+  --retries N      UDP: send a datagram again this many times if no reply comes (default ${DEFAULTS.retries})
+  --unix PATH      connect to a Unix socket instead (needs --allow-net=unix:PATH)
+  --count N        concurrent connections or senders (default ${DEFAULTS.count})
   --message TEXT   what each connection sends (default "${DEFAULTS.message}")
-  --timeout MS     milliseconds each connection may take (default ${DEFAULTS.timeout})
+  --timeout MS     milliseconds each connection may take; UDP waits that long over all tries
+                   (default ${DEFAULTS.timeout})
   --duration S     load mode instead, for benchmarks: see --duration 1 --help
   --help           show this help
 
@@ -172,6 +267,9 @@ Exit status: 0 if every connection got its exact echo, 1 if not, 2 on bad usage.
 const FLAGS = {
   host: { type: "text" },
   port: { type: "integer", min: 1, max: 65535 },
+  udp: { type: "boolean" },
+  retries: { type: "integer", min: 0, max: 100 },
+  unix: { type: "text" },
   count: { type: "integer", min: 1, max: 100_000 },
   message: { type: "text" },
   timeout: { type: "integer", min: 1 },
@@ -196,15 +294,32 @@ export async function main(args: string[]): Promise<number> {
     optionsFrom,
   );
   if ("exit" in parsed) return parsed.exit;
-  return await printEchoes(withDefaults(parsed.options, DEFAULTS));
+  const options = withDefaults(parsed.options, DEFAULTS);
+  if (options.udp && typeof Deno.listenDatagram !== "function") {
+    console.error(
+      "client.ts: --udp needs Deno's unstable UDP API: add --unstable-net to deno run (deno task client has it)",
+    );
+    return 2;
+  }
+  return await printEchoes(options);
 }
 
 /** Reads the command line into runClients() options, or throws a UsageError. */
 function optionsFrom(flags: Flags<typeof FLAGS>): ClientOptions {
   if (flags.message === "") throw new UsageError("--message must not be empty");
+  if (flags.unix !== undefined) {
+    if (flags.unix === "") throw new UsageError("--unix needs a path");
+    if (flags.host !== undefined || flags.port !== undefined || flags.udp) {
+      throw new UsageError("--unix connects to a socket file: not with --host, --port or --udp");
+    }
+  }
+  if (flags.retries !== undefined && !flags.udp) throw new UsageError("--retries needs --udp");
   return {
     hostname: flags.host,
     port: flags.port,
+    udp: flags.udp,
+    retries: flags.retries,
+    unixPath: flags.unix,
     count: flags.count,
     message: flags.message,
     timeout: flags.timeout,
@@ -218,7 +333,7 @@ async function printEchoes(options: Required<ClientOptions>): Promise<number> {
   const ms = Math.round(performance.now() - start);
   const passed = results.filter((result) => result.ok).length;
   if (results.every((result) => result.refused)) {
-    console.error(refusedMessage(options.hostname, options.port));
+    console.error(noServerMessage(options));
     return 1;
   }
   results.forEach((result, i) => {
@@ -227,6 +342,18 @@ async function printEchoes(options: Required<ClientOptions>): Promise<number> {
   });
   console.log(`${passed}/${results.length} echoed in ${ms} ms`);
   return passed === results.length ? 0 : 1;
+}
+
+/** One line for a user whose server does not answer at all: what to start. */
+function noServerMessage({ hostname, port, udp, unixPath }: Required<ClientOptions>): string {
+  if (unixPath) {
+    return `client.ts: no server listens on ${unixPath}: start one with: deno run --allow-read=${unixPath} --allow-write=${unixPath} --allow-net=unix:${unixPath} main.ts --unix ${unixPath}`;
+  }
+  if (udp) {
+    const portFlag = port === DEFAULTS.port ? "" : ` --port ${port}`;
+    return `client.ts: no UDP reply from ${hostname}:${port}: is the server running with --udp? Start it with: deno task start --udp${portFlag}`;
+  }
+  return refusedMessage(hostname, port);
 }
 
 if (import.meta.main) Deno.exit(await main(Deno.args));

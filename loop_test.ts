@@ -264,7 +264,7 @@ Deno.test("water marks are checked", () => {
 Deno.test("select() over 2,000 idle keys with one active returns just that one", async () => {
   const listener = Deno.listen({ hostname: "127.0.0.1", port: 0 });
   const selector = new Selector();
-  const peers: Deno.TcpConn[] = [];
+  const peers: Deno.Conn[] = [];
   for (let i = 0; i < 2001; i++) {
     const [ours, peer] = await Promise.all([listener.accept(), connect(listener.addr.port)]);
     selector.register(ours, READ, noop, i);

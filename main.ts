@@ -18,9 +18,10 @@
  */
 
 import { READ, type Resource, Selector, type SelectorKey, type TraceEvent, WRITE } from "./loop.ts";
-import { AsyncLoop, type Connection } from "./async_loop.ts";
+import { AsyncLoop, type Connection, type DatagramSocket } from "./async_loop.ts";
 import { type Flags, parseCommandLine, UsageError, withDefaults } from "./cli.ts";
 import { createTracer, formatAddr } from "./trace.ts";
+import { ReplyGuard } from "./udp_guard.ts";
 
 /** How much the server prints. */
 export type LogLevel = "quiet" | "info" | "verbose";
@@ -44,6 +45,12 @@ export interface ServeOptions {
   logLevel?: LogLevel;
   /** Callbacks or coroutines. @default {"callbacks"} */
   style?: Style;
+  /** Also serve UDP echo on the same address and port (needs `--unstable-net`). @default {false} */
+  udp?: boolean;
+  /** UDP replies per second to one source address, and its burst. @default {100} */
+  udpRate?: number;
+  /** Serve on this Unix socket instead of TCP (hostname and port are then unused). */
+  unixPath?: string;
   /** Called at each step of the loop, to watch it work (see trace.ts). */
   trace?: (event: TraceEvent) => void;
 }
@@ -58,12 +65,16 @@ export interface ServerStats {
   bytes: number;
   /** Bytes received and not yet written back, over all connections. */
   readonly queued: number;
+  /** UDP datagrams echoed. */
+  datagrams: number;
+  /** UDP datagrams not answered: over a source's rate, or from a responder's port. */
+  dropped: number;
 }
 
 /** A running echo server. */
 export interface Server {
-  /** The address it listens on, with the real port. */
-  readonly addr: Deno.NetAddr;
+  /** The address it listens on, with the real port, or its Unix socket. */
+  readonly addr: Deno.NetAddr | Deno.UnixAddr;
   /** Live counters. */
   readonly stats: Readonly<ServerStats>;
   /**
@@ -80,6 +91,8 @@ export interface Server {
 
 /** What the server keeps for each connection (little: idle connections add up). */
 interface Peer {
+  /** Its number among the connections accepted, to tell Unix socket peers apart in logs. */
+  id: number;
   /** Bytes received, each echoed (or queued to be). */
   bytes: number;
   /** performance.now() of the last read, for the idle timeout. */
@@ -108,13 +121,20 @@ interface Engine {
   release(client: Client): void;
   /** At shutdown: write back what is queued, half-close, wait for the peer's EOF, close. */
   drain(client: Client): void;
+  /** Starts echoing datagrams on the UDP socket. */
+  serveDatagrams(socket: Deno.DatagramConn): void;
+  /** At shutdown: send the replies queued, then close the UDP socket and call datagramsClosed(). */
+  closeDatagrams(socket: Deno.DatagramConn): void;
   /** Ends run(): the last connection is closed. */
   stop(): void;
 }
 
-/** The peer's address of a connection, for log lines. */
+/** The peer's address of a connection, for log lines; a Unix socket's peers have none, so a number. */
 function peerOf(client: Client): string {
-  return formatAddr((client.resource as Deno.Conn).remoteAddr);
+  const { remoteAddr, localAddr } = client.resource as Deno.Conn;
+  return remoteAddr.transport === "unix"
+    ? `${formatAddr(localAddr)}#${client.data.id}`
+    : formatAddr(remoteAddr);
 }
 
 /** An error as a short phrase: its Deno class name, or its message. */
@@ -135,6 +155,9 @@ const DEFAULTS: Required<Omit<ServeOptions, "trace">> = {
   gracePeriod: 5000,
   logLevel: "info",
   style: "callbacks",
+  udp: false,
+  udpRate: 100,
+  unixPath: "",
 };
 
 /**
@@ -146,7 +169,7 @@ const DEFAULTS: Required<Omit<ServeOptions, "trace">> = {
  * import { assertEquals } from "@std/assert";
  *
  * const server = serve({ port: 0, logLevel: "quiet", style: "async" });
- * const conn = await Deno.connect({ port: server.addr.port });
+ * const conn = await Deno.connect({ port: (server.addr as Deno.NetAddr).port });
  * await conn.write(new TextEncoder().encode("hello"));
  * const reply = new Uint8Array(5);
  * assertEquals(await conn.read(reply), 5);
@@ -159,15 +182,52 @@ const DEFAULTS: Required<Omit<ServeOptions, "trace">> = {
  * @throws What `Deno.listen` throws: `Deno.errors.AddrInUse`, `NotCapable`...
  */
 export function serve(options: ServeOptions = {}): Server {
-  const { hostname, port, maxConns, idleTimeout, gracePeriod, logLevel, style } = withDefaults(
-    options,
-    DEFAULTS,
-  );
+  const {
+    hostname,
+    port,
+    maxConns,
+    idleTimeout,
+    gracePeriod,
+    logLevel,
+    style,
+    udp,
+    udpRate,
+    unixPath,
+  } = withDefaults(options, DEFAULTS);
   const { trace } = options;
   const logs = logLevel !== "quiet";
   const verbose = logLevel === "verbose";
 
-  const listener = Deno.listen({ hostname, port });
+  const listener = unixPath
+    ? Deno.listen({ transport: "unix", path: unixPath })
+    : Deno.listen({ hostname, port });
+  let datagrams: Deno.DatagramConn | undefined;
+  try {
+    // UDP on the port TCP got (port 0 picks one for both).
+    const udpPort = (listener.addr as Deno.NetAddr).port;
+    if (udp) datagrams = Deno.listenDatagram({ transport: "udp", hostname, port: udpPort });
+  } catch (error) {
+    listener.close();
+    throw error;
+  }
+  // Deno leaves a Unix socket's file behind when the listener closes: remove it
+  // then, if it is still ours (same inode: nobody replaced it meanwhile).
+  const socketFile = unixPath ? Deno.lstatSync(unixPath).ino : null;
+  const closeListener = () => {
+    try {
+      listener.close();
+    } catch {
+      // closed already: async_loop.ts's abort() closes what it unregisters
+    }
+    try {
+      if (socketFile !== null && Deno.lstatSync(unixPath).ino === socketFile) {
+        Deno.removeSync(unixPath);
+      }
+    } catch {
+      // gone already
+    }
+  };
+  const guard = new ReplyGuard({ rate: udpRate });
   const selector = new Selector({ trace });
   const clients = new Set<Client>();
   const stats: ServerStats = {
@@ -181,11 +241,15 @@ export function serve(options: ServeOptions = {}): Server {
       for (const client of clients) queued += client.queued;
       return queued;
     },
+    datagrams: 0,
+    dropped: 0,
   };
   const stopped = Promise.withResolvers<void>(); // settles when the engine's run() ends
   let idleTimer: ReturnType<typeof setInterval> | undefined = undefined;
   let outOfDescriptors = false;
   let shuttingDown = false;
+  let droppedLogged = 0; // stats.dropped when the last drop line was printed
+  let udpOpen = datagrams !== undefined;
   // The style's half of the server; both styles are defined below, as functions.
   const engine = style === "async" ? coroutines() : callbacks();
 
@@ -198,10 +262,11 @@ export function serve(options: ServeOptions = {}): Server {
       outOfDescriptors = false;
       console.error("accepting again");
     }
-    (conn as Deno.TcpConn).setNoDelay(true); // Deno leaves Nagle on: small echoes would wait ~40 ms
-    if (logs) console.log(`${formatAddr(conn.remoteAddr)} connected`);
-    stats.accepted++;
-    return { bytes: 0, lastRead: idleTimeout && performance.now() };
+    // Deno leaves Nagle on: small echoes would wait ~40 ms. (Unix sockets have no Nagle.)
+    if (conn.remoteAddr.transport === "tcp") (conn as Deno.TcpConn).setNoDelay(true);
+    const peer = { id: ++stats.accepted, bytes: 0, lastRead: idleTimeout && performance.now() };
+    if (logs) console.log(`${peerOf({ resource: conn, queued: 0, data: peer })} connected`);
+    return peer;
   }
 
   /** The connection is served: count it, and stop accepting at the cap. */
@@ -246,10 +311,42 @@ export function serve(options: ServeOptions = {}): Server {
       );
     }
     if (shuttingDown) {
-      if (clients.size === 0) engine.stop();
+      if (clients.size === 0 && !udpOpen) engine.stop();
     } else if (clients.size === maxConns - 1) {
       engine.accepting(true);
     }
+  }
+
+  /**
+   * A datagram arrived: whether to echo it (see udp_guard.ts). Drops are
+   * summed up in one log line a second at most, whatever the flood.
+   */
+  function answer(datagram: Uint8Array, from: Deno.Addr): boolean {
+    if (guard.check(from) !== "reply") {
+      stats.dropped++;
+      return false;
+    }
+    if (verbose) console.log(`udp ${formatAddr(from)} echoing ${datagram.length} bytes`);
+    stats.datagrams++;
+    return true;
+  }
+
+  function logDrops(): void {
+    const dropped = stats.dropped - droppedLogged;
+    if (dropped === 0) return;
+    droppedLogged = stats.dropped;
+    if (logs) {
+      console.log(
+        `udp: ${dropped} datagrams not answered (over ${udpRate} replies/s from one address, or from a responder's port)`,
+      );
+    }
+  }
+
+  /** The UDP socket is closed (at shutdown). */
+  function datagramsClosed(): void {
+    udpOpen = false;
+    logDrops();
+    if (shuttingDown && clients.size === 0) engine.stop();
   }
 
   function closeIdle(): void {
@@ -268,8 +365,10 @@ export function serve(options: ServeOptions = {}): Server {
     if (shuttingDown) return stopped.promise;
     shuttingDown = true;
     clearInterval(idleTimer);
+    clearInterval(dropsTimer);
     engine.closeListener();
-    if (clients.size === 0) engine.stop();
+    if (datagrams) engine.closeDatagrams(datagrams);
+    if (clients.size === 0 && !udpOpen) engine.stop();
     for (const client of clients) engine.drain(client);
     const graceTimer = setTimeout(() => {
       for (const client of clients) close(client, new Error("grace period over"));
@@ -332,6 +431,23 @@ export function serve(options: ServeOptions = {}): Server {
       selector.modify(key.resource, READ, halfClosed);
     }
 
+    // UDP: one callback, as in the lesson's read(), with recvfrom() and sendto().
+    function echoDatagram(key: SelectorKey, _mask: number): void {
+      let datagram: Uint8Array, from: Deno.Addr;
+      try {
+        [datagram, from] = key.recvfrom(); // should be ready
+      } catch (error) {
+        return console.error(`udp receive failed: ${describe(error)}`); // loop.ts tries again
+      }
+      if (answer(datagram, from)) key.sendto(datagram, from);
+    }
+
+    function datagramsFlushed(key: SelectorKey, _mask: number): void {
+      selector.unregister(key.resource);
+      key.resource.close();
+      datagramsClosed();
+    }
+
     function halfClosed(key: ClientKey, _mask: number): void {
       let data: Uint8Array | null;
       try {
@@ -352,7 +468,7 @@ export function serve(options: ServeOptions = {}): Server {
       },
       closeListener() {
         selector.unregister(listener);
-        listener.close();
+        closeListener();
       },
       release(client) {
         selector.unregister(client.resource);
@@ -360,6 +476,12 @@ export function serve(options: ServeOptions = {}): Server {
       },
       drain(client) {
         selector.modify(client.resource, WRITE, drained);
+      },
+      serveDatagrams(socket) {
+        selector.register(socket, READ, echoDatagram);
+      },
+      closeDatagrams(socket) {
+        selector.modify(socket, WRITE, datagramsFlushed); // no more reads; send what is queued
       },
       stop() {
         selector.close();
@@ -375,6 +497,23 @@ export function serve(options: ServeOptions = {}): Server {
     });
     /** Set while at the connection cap: the accept loop waits for it. */
     let slotFree: PromiseWithResolvers<void> | undefined = undefined;
+    /** The UDP socket, with --udp. */
+    let udpSocket: DatagramSocket | undefined = undefined;
+
+    // UDP: one coroutine for the socket, with recvfrom() and sendto().
+    async function echoDatagrams(socket: DatagramSocket): Promise<void> {
+      while (!shuttingDown) {
+        let datagram: Uint8Array, from: Deno.Addr;
+        try {
+          [datagram, from] = await loop.recvfrom(socket);
+        } catch (error) {
+          if (shuttingDown) return;
+          console.error(`udp receive failed: ${describe(error)}`);
+          continue; // loop.ts pauses before it receives again
+        }
+        if (answer(datagram, from)) await loop.sendto(socket, datagram, from);
+      }
+    }
 
     // The accept loop: the lesson's accept(), as a coroutine.
     async function acceptLoop(): Promise<void> {
@@ -436,6 +575,7 @@ export function serve(options: ServeOptions = {}): Server {
       },
       closeListener() {
         loop.abort(listener); // interrupts the waiting accept()
+        closeListener(); // and removes a Unix socket's file
         slotFree?.resolve();
       },
       release(client) {
@@ -444,6 +584,13 @@ export function serve(options: ServeOptions = {}): Server {
       drain(client) {
         loop.interrupt(client as Connection); // its coroutine goes on to drain it
       },
+      serveDatagrams(socket) {
+        udpSocket = loop.adopt(socket);
+        loop.spawn(echoDatagrams(udpSocket));
+      },
+      closeDatagrams() {
+        loop.close(udpSocket!).then(datagramsClosed); // sends what is queued first
+      },
       stop() {
         loop.stop();
       },
@@ -451,9 +598,15 @@ export function serve(options: ServeOptions = {}): Server {
   }
 
   if (idleTimeout > 0) idleTimer = setInterval(closeIdle, Math.min(1000, idleTimeout / 2));
+  const dropsTimer = datagrams ? setInterval(logDrops, 1000) : undefined;
+  if (datagrams) engine.serveDatagrams(datagrams);
   engine.run().finally(() => {
     clearInterval(idleTimer);
-    if (!shuttingDown) listener.close();
+    clearInterval(dropsTimer);
+    if (!shuttingDown) {
+      closeListener();
+      if (udpOpen) datagrams?.close();
+    }
   }).then(stopped.resolve, stopped.reject);
   return {
     addr: listener.addr,
@@ -467,9 +620,10 @@ export function serve(options: ServeOptions = {}): Server {
 const TRACE_LINES_PER_SECOND = 200;
 
 const USAGE =
-  `usage: deno run --allow-net=127.0.0.1 main.ts [--host H] [--port N] [--max-conns N] [--idle-timeout S] [--style callbacks|async] [--trace] [--verbose | --quiet]`;
+  `usage: deno run --allow-net=127.0.0.1 main.ts [--host H] [--port N] [--udp [--udp-rate N]] [--unix PATH] [--max-conns N] [--idle-timeout S] [--style callbacks|async] [--trace] [--verbose | --quiet]`;
 
-const HELP = `A TCP echo server: sends back every byte it receives.
+const HELP = `An echo server (RFC 862): sends back every byte it receives, over TCP, and
+over UDP or a Unix socket if asked.
 
 ${USAGE}
 
@@ -477,6 +631,10 @@ ${USAGE}
   --port N           port, 0 picks a free one (default ${DEFAULTS.port})
   --max-conns N      connections served at once; more wait in the kernel's backlog (default ${DEFAULTS.maxConns})
   --idle-timeout S   close connections idle for S seconds (default ${DEFAULTS.idleTimeout}: never)
+  --udp              also echo UDP datagrams on the same host and port (needs --unstable-net)
+  --udp-rate N       UDP replies per second to one source address (default ${DEFAULTS.udpRate})
+  --unix PATH        serve on a Unix socket instead of TCP (needs --allow-read, --allow-write
+                     and --allow-net=unix: for PATH); a stale socket file is replaced
   --style STYLE      callbacks (the lesson's accept and read callbacks) or async (coroutines
                      on the same loop) (default ${DEFAULTS.style})
   --trace            print what the event loop does, turn by turn (at most ${TRACE_LINES_PER_SECOND} lines a second)
@@ -491,6 +649,9 @@ const FLAGS = {
   port: { type: "integer", min: 0, max: 65535 },
   "max-conns": { type: "integer", min: 1 },
   "idle-timeout": { type: "number", min: 0 },
+  udp: { type: "boolean" },
+  "udp-rate": { type: "integer", min: 1 },
+  unix: { type: "text" },
   style: { type: "text" },
   trace: { type: "boolean" },
   verbose: { type: "boolean" },
@@ -506,10 +667,22 @@ function optionsFrom(flags: Flags<typeof FLAGS>): ServeOptions {
   if (style !== undefined && style !== "callbacks" && style !== "async") {
     throw new UsageError(`--style must be callbacks or async, got "${style}"`);
   }
+  if (flags.unix !== undefined) {
+    if (flags.unix === "") throw new UsageError("--unix needs a path");
+    if (flags.host !== undefined || flags.port !== undefined || flags.udp) {
+      throw new UsageError("--unix serves on a socket file: not with --host, --port or --udp");
+    }
+  }
+  if (flags["udp-rate"] !== undefined && !flags.udp) {
+    throw new UsageError("--udp-rate needs --udp");
+  }
   const idleSeconds = flags["idle-timeout"];
   return {
     hostname: flags.host,
     port: flags.port,
+    udp: flags.udp,
+    udpRate: flags["udp-rate"],
+    unixPath: flags.unix,
     maxConns: flags["max-conns"],
     idleTimeout: idleSeconds === undefined ? undefined : idleSeconds * 1000,
     logLevel: flags.quiet ? "quiet" : flags.verbose ? "verbose" : undefined,
@@ -519,10 +692,18 @@ function optionsFrom(flags: Flags<typeof FLAGS>): ServeOptions {
 }
 
 /** Why listening failed, in one line with what to do about it. */
-function listenError(error: unknown, host: string, port: number): string {
+function listenError(error: unknown, options: Required<Omit<ServeOptions, "trace">>): string {
+  const { hostname: host, port, unixPath: path, udp } = options;
+  if (path) {
+    if (error instanceof Deno.errors.NotCapable) {
+      return `no permission to use the socket ${path}: run with --allow-read=${path} --allow-write=${path} --allow-net=unix:${path}`;
+    }
+    return `cannot listen on ${path}: ${describe(error)}`;
+  }
   const where = `${host}:${port}`;
   if (error instanceof Deno.errors.AddrInUse) {
-    return `port ${port} on ${host} is already in use: stop the other server or choose another port with --port`;
+    const protocols = udp ? " (for TCP or UDP)" : "";
+    return `port ${port} on ${host} is already in use${protocols}: stop the other server or choose another port with --port`;
   }
   if (error instanceof Deno.errors.NotCapable) {
     const task = host === "127.0.0.1" ? " (deno task start does)" : "";
@@ -538,6 +719,35 @@ function listenError(error: unknown, host: string, port: number): string {
     return `cannot resolve host "${host}": check --host`;
   }
   return `cannot listen on ${where}: ${describe(error)}`;
+}
+
+/**
+ * Makes way for a Unix socket at `path`: a socket file nothing listens on (a
+ * crashed server's) is removed; anything else is left alone.
+ *
+ * @returns Why the server cannot use `path`, or undefined if it can.
+ */
+async function claimUnixPath(path: string, logs: boolean): Promise<string | undefined> {
+  let info: Deno.FileInfo;
+  try {
+    info = await Deno.lstat(path);
+  } catch (error) {
+    if (error instanceof Deno.errors.NotFound) return undefined; // free
+    throw error; // e.g. no permission: reported as for listening
+  }
+  if (!info.isSocket) {
+    const what = info.isDirectory ? "a directory" : info.isFile ? "a regular file" : "not a socket";
+    return `${path} is ${what}: choose another path with --unix (it was left untouched)`;
+  }
+  try {
+    (await Deno.connect({ transport: "unix", path })).close();
+    return `another server is listening on ${path}: stop it or choose another path with --unix`;
+  } catch (error) {
+    if (!(error instanceof Deno.errors.ConnectionRefused)) throw error;
+  }
+  await Deno.remove(path); // stale: left by a server that did not shut down
+  if (logs) console.log(`removed the stale socket file ${path}: nothing was listening on it`);
+  return undefined;
 }
 
 function isLoopback(host: string): boolean {
@@ -560,12 +770,23 @@ export async function main(args: string[]): Promise<number> {
   );
   if ("exit" in parsed) return parsed.exit;
   const options = withDefaults(parsed.options, DEFAULTS);
-  const { hostname, port } = options;
+  if (options.udp && typeof Deno.listenDatagram !== "function") {
+    console.error(
+      "main.ts: --udp needs Deno's unstable UDP API: add --unstable-net to deno run (deno task start has it)",
+    );
+    return 2;
+  }
   let server: Server;
   try {
+    const unavailable = options.unixPath &&
+      await claimUnixPath(options.unixPath, options.logLevel !== "quiet");
+    if (unavailable) {
+      console.error(`main.ts: ${unavailable}`);
+      return 1;
+    }
     server = serve(options);
   } catch (error) {
-    console.error(`main.ts: ${listenError(error, hostname, port)}`);
+    console.error(`main.ts: ${listenError(error, options)}`);
     return 1;
   }
   // The first SIGINT or SIGTERM shuts down gracefully; a second one exits at once,
@@ -589,7 +810,9 @@ export async function main(args: string[]): Promise<number> {
   // Announce only now: whoever waits for this line may signal at once.
   const { addr } = server;
   if (options.logLevel !== "quiet") {
-    const exposed = isLoopback(addr.hostname) ? "" : " (reachable from the network)";
+    const exposed = !("hostname" in addr) || isLoopback(addr.hostname)
+      ? ""
+      : " (reachable from the network)";
     console.log(`listening on ${formatAddr(addr)}${exposed}`);
   }
   await server.finished;

@@ -17,6 +17,12 @@ const root = new URL("../", import.meta.url);
 /** The server's two styles: every server test runs once in each. */
 export const STYLES: readonly Style[] = ["callbacks", "async"];
 
+/** The stream transports the server speaks: TCP over IPv4 and IPv6, and Unix sockets. */
+export const TRANSPORTS = ["tcp4", "tcp6", "unix"] as const;
+
+/** One of {@linkcode TRANSPORTS}. */
+export type Transport = typeof TRANSPORTS[number];
+
 /**
  * Registers one test per server style, named `name [style]`.
  *
@@ -25,6 +31,94 @@ export const STYLES: readonly Style[] = ["callbacks", "async"];
  */
 export function testEachStyle(name: string, fn: (style: Style) => Promise<void>): void {
   for (const style of STYLES) Deno.test(`${name} [${style}]`, () => fn(style));
+}
+
+/**
+ * Registers one test per server style and stream transport, named `name [style, transport]`.
+ *
+ * @param name What the test checks.
+ * @param fn The test, given the style and transport to start servers with.
+ */
+export function testEachTransport(
+  name: string,
+  fn: (style: Style, transport: Transport) => Promise<void>,
+): void {
+  for (const style of STYLES) {
+    for (const transport of TRANSPORTS) {
+      Deno.test(`${name} [${style}, ${transport}]`, () => fn(style, transport));
+    }
+  }
+}
+
+/**
+ * Where the tests' Unix sockets live: testing/.sockets/, made on first use.
+ * Deno grants net access to a Unix socket by its exact path, so the test
+ * runner grants these names and no others.
+ */
+export const SOCKET_NAMES = ["server.sock", "other.sock"] as const;
+
+/**
+ * The path of one of the tests' Unix sockets, with nothing left at it.
+ *
+ * @param name One of {@linkcode SOCKET_NAMES}.
+ * @returns Its absolute path.
+ */
+export function socketPath(name: typeof SOCKET_NAMES[number] = "server.sock"): string {
+  const dir = new URL("./.sockets/", import.meta.url).pathname;
+  Deno.mkdirSync(dir, { recursive: true });
+  const path = dir + name;
+  try {
+    Deno.removeSync(path, { recursive: true });
+  } catch (error) {
+    if (!(error instanceof Deno.errors.NotFound)) throw error;
+  }
+  return path;
+}
+
+/** Where a server listens: a TCP address, or a Unix socket. */
+export type Target = { hostname: string; port: number } | { transport: "unix"; path: string };
+
+/**
+ * The serve() options for a transport: IPv4 or IPv6 loopback on a free port, or a Unix socket.
+ *
+ * @param transport The transport.
+ * @returns Options to merge into serve()'s.
+ */
+export function listenOn(transport: Transport): ServeOptions {
+  if (transport === "unix") return { unixPath: socketPath() };
+  return { hostname: transport === "tcp6" ? "::1" : "127.0.0.1", port: 0 };
+}
+
+/**
+ * main.ts's arguments and permissions for a transport, as a user would give them.
+ *
+ * @param transport The transport.
+ * @returns The arguments and the permissions for the server process.
+ */
+export function argsFor(transport: Transport): { args: string[]; permissions: string[] } {
+  if (transport === "unix") {
+    const path = socketPath();
+    return {
+      args: ["--unix", path],
+      permissions: [`--allow-read=${path}`, `--allow-write=${path}`, `--allow-net=unix:${path}`],
+    };
+  }
+  const host = transport === "tcp6" ? "::1" : "127.0.0.1";
+  return {
+    args: ["--host", host, "--port", "0"],
+    permissions: [`--allow-net=${transport === "tcp6" ? "[::1]" : host}`],
+  };
+}
+
+/**
+ * Where a server listens, from its address.
+ *
+ * @param addr The listener's address.
+ * @returns The target to connect to.
+ */
+export function targetOf(addr: Deno.Addr): Target {
+  if (addr.transport === "unix") return { transport: "unix", path: addr.path };
+  return { hostname: (addr as Deno.NetAddr).hostname, port: (addr as Deno.NetAddr).port };
 }
 
 /** How long a step may take before the test fails instead of hanging. */
@@ -82,15 +176,19 @@ export function delay(ms: number): Promise<void> {
 }
 
 /**
- * Connects to a server on loopback, with TCP_NODELAY (small writes go at once).
+ * Connects to a server, over TCP with TCP_NODELAY (small writes go at once).
  *
- * @param port The server's port.
- * @param hostname The server's address.
+ * @param to The server's port on 127.0.0.1, or where it listens.
  * @returns The connection.
  */
-export async function connect(port: number, hostname = "127.0.0.1"): Promise<Deno.TcpConn> {
-  const conn = await deadline(Deno.connect({ hostname, port }), `connect to port ${port}`);
-  conn.setNoDelay(true);
+export async function connect(to: number | Target): Promise<Deno.Conn> {
+  const target = typeof to === "number" ? { hostname: "127.0.0.1", port: to } : to;
+  const where = "path" in target ? target.path : `port ${target.port}`;
+  const connecting: Promise<Deno.Conn> = "path" in target
+    ? Deno.connect(target)
+    : Deno.connect(target);
+  const conn = await deadline(connecting, `connect to ${where}`);
+  if (conn.remoteAddr.transport === "tcp") (conn as Deno.TcpConn).setNoDelay(true);
   return conn;
 }
 
@@ -99,7 +197,7 @@ export async function connect(port: number, hostname = "127.0.0.1"): Promise<Den
  *
  * @returns [our end, the peer's end].
  */
-export async function connectedPair(): Promise<[Deno.TcpConn, Deno.TcpConn]> {
+export async function connectedPair(): Promise<[Deno.Conn, Deno.Conn]> {
   using listener = Deno.listen({ hostname: "127.0.0.1", port: 0 });
   const [ours, peer] = await Promise.all([
     deadline(listener.accept(), "accept"),
@@ -167,12 +265,12 @@ export async function roundTrip(conn: Deno.Conn, bytes: Uint8Array): Promise<voi
 /**
  * Sends `bytes`, half-closes, and returns everything echoed until EOF.
  *
- * @param port The echo server's port.
+ * @param to The echo server's port on 127.0.0.1, or where it listens.
  * @param bytes What to send.
  * @returns The echo.
  */
-export async function echo(port: number, bytes: Uint8Array): Promise<Uint8Array> {
-  const conn = await connect(port);
+export async function echo(to: number | Target, bytes: Uint8Array): Promise<Uint8Array> {
+  const conn = await connect(to);
   try {
     const [, echoed] = await Promise.all([
       writeAll(conn, bytes).then(() => conn.closeWrite()),
@@ -203,21 +301,26 @@ export function pattern(length: number, seed = 0): Uint8Array {
 }
 
 /**
- * An in-process server on a free port, quiet. `await using` closes it at the
- * end of the scope, even when the test fails. A shutdown that hangs is
+ * An in-process server on a free port, quiet, with the port (NaN on a Unix
+ * socket) and the target to connect to. `await using` closes it at the end
+ * of the scope, even when the test fails. A shutdown that hangs is
  * reported on stderr rather than thrown, so that it cannot hide the test's
  * own error; the test then fails on the operations it leaks.
  *
  * @param options Other serve() options.
  * @returns The running server.
  */
-export function serveForTest(options: ServeOptions = {}): Server & AsyncDisposable {
+export function serveForTest(
+  options: ServeOptions = {},
+): Server & AsyncDisposable & { port: number; target: Target } {
   const server = serve({ port: 0, logLevel: "quiet", ...options });
   const dispose = () =>
     deadline(server.close(), "the test server's shutdown", 5000).catch((error) => {
       console.error(error.message);
     });
-  return Object.assign(server, { [Symbol.asyncDispose]: dispose });
+  const target = targetOf(server.addr);
+  const port = "port" in target ? target.port : NaN;
+  return Object.assign(server, { [Symbol.asyncDispose]: dispose, port, target });
 }
 
 /**
@@ -376,6 +479,14 @@ export class ServerProcess implements AsyncDisposable {
   /** The port from its listening line. */
   get port(): number {
     return Number(this.#stdout.match(/^listening on .*:(\d+)/m)?.[1]);
+  }
+
+  /** Where it listens, from its listening line. */
+  get target(): Target {
+    const where = this.#stdout.match(/^listening on (\S+)/m)?.[1] ?? "";
+    if (where.startsWith("/")) return { transport: "unix", path: where };
+    const [, host, port] = where.match(/^\[?([^\]]*)\]?:(\d+)$/) ?? [];
+    return { hostname: host, port: Number(port) };
   }
 
   /**

@@ -7,10 +7,20 @@
  * @module
  */
 
+const here = new URL(".", import.meta.url);
+/** The tests' Unix sockets: Deno grants net access to each by its exact path (testing/helpers.ts). */
+const sockets = new URL(".sockets/", here).pathname;
+const socketNames = ["server.sock", "other.sock"];
+
 /** What the tests may do: serve and connect on loopback, run deno, read one variable. */
 const PERMISSIONS = [
-  // 0.0.0.0: @std/net's getAvailablePort() probes the wildcard address.
-  "--allow-net=127.0.0.1,0.0.0.0",
+  // 0.0.0.0: @std/net's getAvailablePort() probes the wildcard address; 127.0.0.2 is a
+  // second UDP source for the rate cap; unix: the tests' sockets.
+  `--allow-net=127.0.0.1,127.0.0.2,0.0.0.0,[::1],${
+    socketNames.map((name) => `unix:${sockets}${name}`).join(",")
+  }`,
+  `--allow-read=${sockets}`,
+  `--allow-write=${sockets}`,
   // The tests start main.ts and client.ts as a user would; sh, to start one
   // under a small `ulimit -n`.
   "--allow-run=deno,sh",
@@ -26,7 +36,6 @@ async function run(args: string[], quiet = false): Promise<number> {
   return code;
 }
 
-const here = new URL(".", import.meta.url);
 const probe = new URL("std_probe.ts", here).pathname;
 const standIns = new URL("std/import_map.json", here).pathname;
 
