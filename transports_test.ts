@@ -1,0 +1,252 @@
+// UDP echo (RFC 862) and its defences, and what is particular to Unix sockets.
+// The stream tests that every transport shares run over TCP and Unix sockets in
+// main_test.ts and faults_test.ts.
+import { assert, assertEquals, assertLessOrEqual, assertMatch } from "@std/assert";
+import { ReplyGuard } from "./udp_guard.ts";
+import {
+  deadline,
+  delay,
+  pattern,
+  runScript,
+  serveForTest,
+  ServerProcess,
+  socketPath,
+  testEachStyle,
+} from "./testing/helpers.ts";
+
+/** A UDP socket on a loopback address, closed by `using`. */
+function udpSocket(hostname = "127.0.0.1", port = 0): Deno.DatagramConn & Disposable {
+  const socket = Deno.listenDatagram({ transport: "udp", hostname, port });
+  return Object.assign(socket, { [Symbol.dispose]: () => socket.close() });
+}
+
+/** The server's UDP address: the same port as its TCP one. */
+function udpAddr(port: number): Deno.NetAddr {
+  return { transport: "udp", hostname: "127.0.0.1", port };
+}
+
+/** Datagrams that arrive on `socket` within `ms`, counted (read into a buffer large enough). */
+async function countReplies(socket: Deno.DatagramConn, ms: number): Promise<number> {
+  const buffer = new Uint8Array(65_536);
+  let count = 0;
+  const end = performance.now() + ms;
+  let receiving = socket.receive(buffer);
+  for (;;) {
+    const left = end - performance.now();
+    if (left <= 0) break;
+    let timer: ReturnType<typeof setTimeout> | undefined;
+    const timeout = new Promise<undefined>((resolve) => {
+      timer = setTimeout(() => resolve(undefined), left);
+    });
+    const got = await Promise.race([receiving, timeout]);
+    clearTimeout(timer);
+    if (!got) break;
+    count++;
+    receiving = socket.receive(buffer);
+  }
+  receiving.catch(() => {}); // Interrupted when the socket closes
+  return count;
+}
+
+/** Runs main.ts or client.ts with UDP's unstable API. */
+const UDP = { permissions: ["--allow-net=127.0.0.1", "--unstable-net"] };
+
+testEachStyle("UDP echoes datagrams of every size whole, an empty one as empty", async (style) => {
+  await using server = serveForTest({ style, udp: true });
+  using socket = udpSocket();
+  for (const size of [0, 1, 5, 1472, 1473, 8192, 65_507]) {
+    const datagram = pattern(size, size);
+    await socket.send(datagram, udpAddr(server.port));
+    const [echoed, from] = await deadline(socket.receive(), `the echo of ${size} bytes`);
+    assertEquals(echoed, datagram, `${size} bytes`);
+    assertEquals((from as Deno.NetAddr).port, server.port);
+  }
+  assertEquals(server.stats.datagrams, 7);
+});
+
+testEachStyle(
+  "deno run client.ts --udp gets twenty replies from main.ts --udp, and TCP still works on the same port",
+  async (style) => {
+    await using server = await ServerProcess.start(["--port", "0", "--udp"], { ...UDP, style });
+    const args = ["--port", `${server.port}`];
+    const udp = await runScript("client.ts", [...args, "--udp"], UDP);
+    assertEquals([udp.code, udp.stderr], [0, ""]);
+    const lines = udp.stdout.trimEnd().split("\n");
+    assertEquals(lines.slice(0, 20), Array(20).fill("reply from server= hello"));
+    assertMatch(lines[20], /^20\/20 echoed in \d+ ms$/);
+    const tcp = await runScript("client.ts", args, UDP);
+    assertEquals([tcp.code, tcp.stderr], [0, ""]);
+    const stopped = await server.stop("SIGTERM");
+    assertEquals([stopped.code, stopped.stderr], [0, ""]);
+  },
+);
+
+testEachStyle(
+  "a UDP flood from one source gets at most the rate cap, while another source is still answered",
+  async (style) => {
+    const rate = 50;
+    await using server = serveForTest({ style, udp: true, udpRate: rate });
+    using flooder = udpSocket(); // never reads during the flood, as a spoofed victim would not
+    using other = udpSocket("127.0.0.2"); // another source address on loopback
+    const start = performance.now();
+    for (let i = 0; i < 3000; i++) {
+      flooder.send(pattern(64, i), udpAddr(server.port)).catch(() => {});
+    }
+    await delay(50);
+    const answered = [];
+    for (let i = 0; i < 5; i++) {
+      await other.send(pattern(8, i), udpAddr(server.port));
+      answered.push(await deadline(other.receive(), "a reply to the other source"));
+    }
+    const replies = await countReplies(flooder, 300);
+    const seconds = (performance.now() - start) / 1000;
+    const cap = rate + rate * seconds; // the burst, then the rate
+    assertLessOrEqual(replies, Math.ceil(cap) + 5, `${replies} replies in ${seconds} s`);
+    assert(replies >= rate / 2, `only ${replies} replies: the burst was not answered`);
+    assertEquals(answered.length, 5);
+    assert(server.stats.dropped >= 3000 - replies - 100, `dropped ${server.stats.dropped}`);
+  },
+);
+
+testEachStyle(
+  "UDP survives garbage, floods and senders that vanish, and answers the next one",
+  async (style) => {
+    await using server = serveForTest({ style, udp: true, udpRate: 1_000_000 });
+    const to = udpAddr(server.port);
+    // Senders that send and vanish: their replies bounce as ICMP port unreachable.
+    for (let i = 0; i < 50; i++) {
+      using gone = udpSocket();
+      await gone.send(pattern(100, i), to);
+    }
+    // Bursts of datagrams of random sizes and bytes, whose replies nobody reads.
+    using flood = udpSocket();
+    for (let i = 0; i < 2000; i++) {
+      const size = (i * 7919) % 65_507;
+      flood.send(pattern(size, i), to).catch(() => {});
+    }
+    await delay(200);
+    using fresh = udpSocket();
+    await fresh.send(new TextEncoder().encode("still there?"), to);
+    const [reply] = await deadline(fresh.receive(), "a reply after the flood");
+    assertEquals(new TextDecoder().decode(reply), "still there?");
+  },
+);
+
+Deno.test("datagrams from the ports of UDP responders get no reply", async () => {
+  const guard = new ReplyGuard({ rate: 1000 });
+  for (const port of [0, 7, 19, 53, 123, 1900, 11211]) {
+    assertEquals(guard.check({ transport: "udp", hostname: "127.0.0.1", port }), "reflector");
+  }
+  assertEquals(guard.check({ transport: "udp", hostname: "127.0.0.1", port: 40000 }), "reply");
+  // End to end, where this process may bind a low port (root, or CAP_NET_BIND_SERVICE).
+  let chargen: Deno.DatagramConn & Disposable;
+  try {
+    chargen = udpSocket("127.0.0.1", 19);
+  } catch (error) {
+    if (error instanceof Deno.errors.PermissionDenied || error instanceof Deno.errors.AddrInUse) {
+      return; // checked through the guard above
+    }
+    throw error;
+  }
+  await using server = serveForTest({ udp: true });
+  using normal = udpSocket();
+  await chargen.send(pattern(10), udpAddr(server.port)); // a chargen "reply" aimed at us
+  await normal.send(pattern(10), udpAddr(server.port));
+  await deadline(normal.receive(), "the normal source's reply");
+  assertEquals(await countReplies(chargen, 200), 0, "answered a chargen port: a loop");
+  assertEquals([server.stats.datagrams, server.stats.dropped], [1, 1]);
+  chargen.close();
+});
+
+Deno.test("--udp without --unstable-net is one line saying what to add, exit 2", async () => {
+  for (const script of ["main.ts", "client.ts"]) {
+    const { code, stdout, stderr } = await runScript(script, ["--udp"]);
+    assertEquals([code, stdout], [2, ""], script);
+    const task = script === "main.ts" ? "start" : "client";
+    assertEquals(
+      stderr,
+      `${script}: --udp needs Deno's unstable UDP API: add --unstable-net to deno run (deno task ${task} has it)\n`,
+    );
+  }
+});
+
+/** Permissions for main.ts on a Unix socket, as its help says. */
+function unixPermissions(path: string): string[] {
+  return [`--allow-read=${path}`, `--allow-write=${path}`, `--allow-net=unix:${path}`];
+}
+
+testEachStyle(
+  "a Unix socket's file is removed at shutdown; a stale one is replaced, and the log says so",
+  async (style) => {
+    const path = socketPath();
+    const permissions = unixPermissions(path);
+    // A server that crashes leaves its socket file behind.
+    const crashed = new Deno.Command("deno", {
+      args: ["eval", `Deno.listen({ transport: "unix", path: "${path}" }); Deno.exit(0);`],
+    });
+    assertEquals((await crashed.output()).code, 0);
+    assert(Deno.lstatSync(path).isSocket, "no stale socket file to test with");
+    await using server = await ServerProcess.start(["--unix", path], { style, permissions });
+    assertMatch(
+      server.stdout,
+      new RegExp(`^removed the stale socket file ${path}: nothing was listening on it$`, "m"),
+    );
+    const client = await runScript("client.ts", ["--unix", path], { permissions });
+    assertEquals([client.code, client.stderr], [0, ""]);
+    assertEquals((await server.stop("SIGTERM")).code, 0);
+    let left = true;
+    try {
+      Deno.lstatSync(path);
+    } catch (error) {
+      left = !(error instanceof Deno.errors.NotFound);
+    }
+    assert(!left, "the socket file outlived the server");
+  },
+);
+
+Deno.test("a live server's socket, a regular file or a directory at --unix PATH: one line, exit 1, left untouched", async () => {
+  const path = socketPath();
+  const permissions = unixPermissions(path);
+  await using live = await ServerProcess.start(["--unix", path], { permissions });
+  const second = await runScript("main.ts", ["--unix", path], { permissions });
+  assertEquals([second.code, second.stdout], [1, ""]);
+  assertEquals(
+    second.stderr,
+    `main.ts: another server is listening on ${path}: stop it or choose another path with --unix\n`,
+  );
+  const client = await runScript("client.ts", ["--unix", path], { permissions });
+  assertEquals(client.code, 0, "the live server stopped answering");
+  assertEquals((await live.stop("SIGTERM")).code, 0);
+
+  for (
+    const [what, make] of [
+      ["a regular file", () => Deno.writeTextFileSync(path, "precious")],
+      ["a directory", () => Deno.mkdirSync(path)],
+    ] as const
+  ) {
+    make();
+    const { code, stdout, stderr } = await runScript("main.ts", ["--unix", path], { permissions });
+    assertEquals([code, stdout], [1, ""], what);
+    assertEquals(
+      stderr,
+      `main.ts: ${path} is ${what}: choose another path with --unix (it was left untouched)\n`,
+    );
+    const info = Deno.lstatSync(path);
+    assert(what === "a directory" ? info.isDirectory : Deno.readTextFileSync(path) === "precious");
+    Deno.removeSync(path);
+  }
+});
+
+Deno.test("--unix without permission for the path: one line naming the three flags, exit 1", async () => {
+  const path = socketPath();
+  const { code, stdout, stderr } = await runScript("main.ts", ["--unix", path], {
+    permissions: [],
+  });
+  assertEquals([code, stdout], [1, ""]);
+  assertEquals(
+    stderr,
+    `main.ts: no permission to use the socket ${path}: run with ${
+      unixPermissions(path).join(" ")
+    }\n`,
+  );
+});
