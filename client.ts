@@ -152,6 +152,14 @@ async function echoOnce(
     if (error instanceof Deno.errors.NotFound && unixPath) {
       return result(`no socket at ${unixPath}`, true);
     }
+    if (error instanceof Deno.errors.NotCapable) {
+      const fix = unixPath
+        ? `--allow-read=${unixPath} --allow-write=${unixPath} --allow-net=unix:${unixPath}`
+        : `--allow-net=${hostname.includes(":") ? `[${hostname}]` : hostname}`;
+      return result(
+        `no permission to connect to ${unixPath || `${hostname}:${port}`}: run with ${fix}`,
+      );
+    }
     return result(
       error instanceof Error ? `${error.name}: ${error.message}` : String(error),
     );
@@ -254,7 +262,8 @@ ${USAGE}
   --port N         server port (default ${DEFAULTS.port})
   --udp            send UDP datagrams instead, each from its own socket (needs --unstable-net)
   --retries N      UDP: send a datagram again this many times if no reply comes (default ${DEFAULTS.retries})
-  --unix PATH      connect to a Unix socket instead (needs --allow-net=unix:PATH)
+  --unix PATH      connect to a Unix socket instead (needs --allow-read, --allow-write
+                   and --allow-net=unix: for PATH)
   --count N        concurrent connections or senders (default ${DEFAULTS.count})
   --message TEXT   what each connection sends (default "${DEFAULTS.message}")
   --timeout MS     milliseconds each connection may take; UDP waits that long over all tries
@@ -334,6 +343,11 @@ async function printEchoes(options: Required<ClientOptions>): Promise<number> {
   const passed = results.filter((result) => result.ok).length;
   if (results.every((result) => result.refused)) {
     console.error(noServerMessage(options));
+    return 1;
+  }
+  const [first] = results;
+  if (results.every((result) => !result.ok && result.error === first.error)) {
+    console.error(`client.ts: ${first.error}`); // the same for all: say it once
     return 1;
   }
   results.forEach((result, i) => {

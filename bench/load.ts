@@ -18,6 +18,8 @@ export interface LoadOptions {
   hostname?: string;
   /** The server's port. @default {8888} */
   port?: number;
+  /** Connect to this Unix socket instead of hostname and port. */
+  unixPath?: string;
   /** Connections, each doing round trips one after another. @default {20} */
   count?: number;
   /** Bytes per message. @default {5} */
@@ -52,6 +54,7 @@ export interface LoadResult {
 const DEFAULTS: Required<LoadOptions> = {
   hostname: "127.0.0.1",
   port: 8888,
+  unixPath: "",
   count: 20,
   size: 5,
   duration: 5,
@@ -67,11 +70,14 @@ const DEFAULTS: Required<LoadOptions> = {
  * @returns Throughput, latency percentiles and failures.
  */
 export async function runLoad(options: LoadOptions = {}): Promise<LoadResult> {
-  const { hostname, port, count, size, duration, timeout } = withDefaults(options, DEFAULTS);
+  const { hostname, port, unixPath, count, size, duration, timeout } = withDefaults(
+    options,
+    DEFAULTS,
+  );
   const latencies: number[] = [];
   const perConnection = new Array<number>(count).fill(0);
   const errors: string[] = [];
-  const conns: (Deno.TcpConn | undefined)[] = [];
+  const conns: (Deno.Conn | undefined)[] = [];
   const stalled = new Set<number>(); // connections the watchdog closed: their error is counted
   const progress: number[] = []; // performance.now() of each connection's last step
   const start = performance.now();
@@ -92,8 +98,10 @@ export async function runLoad(options: LoadOptions = {}): Promise<LoadResult> {
     progress[c] = performance.now();
     try {
       const signal = AbortSignal.timeout(timeout); // a connect gets as long as a round trip
-      const conn = conns[c] = await Deno.connect({ hostname, port, signal });
-      conn.setNoDelay(true);
+      const conn: Deno.Conn = conns[c] = unixPath
+        ? await Deno.connect({ transport: "unix", path: unixPath })
+        : await Deno.connect({ hostname, port, signal });
+      if ("setNoDelay" in conn) (conn as Deno.TcpConn).setNoDelay(true);
       const sent = new Uint8Array(size);
       const echoed = new Uint8Array(size);
       for (let offset = 0; performance.now() < end; offset += size) {
@@ -149,7 +157,7 @@ function streamByte(c: number, offset: number): number {
 }
 
 const USAGE =
-  `usage: deno task client --duration S [--host H] [--port N] [--count N] [--size N] [--timeout MS]`;
+  `usage: deno task client --duration S [--host H] [--port N | --unix PATH] [--count N] [--size N] [--timeout MS]`;
 
 const HELP = `Load mode: each connection sends a message, waits for its whole echo, checks
 every byte against its own byte stream, and goes again, for S seconds; then
@@ -160,6 +168,7 @@ ${USAGE}
   --duration S     seconds to run (default ${DEFAULTS.duration})
   --host H         server address (default ${DEFAULTS.hostname})
   --port N         server port (default ${DEFAULTS.port})
+  --unix PATH      connect to a Unix socket instead
   --count N        concurrent connections (default ${DEFAULTS.count})
   --size N         bytes per message, up to 1048576 (default ${DEFAULTS.size})
   --timeout MS     milliseconds a round trip may take (default ${DEFAULTS.timeout})
@@ -171,6 +180,7 @@ const FLAGS = {
   duration: { type: "number", min: 0.1 },
   host: { type: "text" },
   port: { type: "integer", min: 1, max: 65535 },
+  unix: { type: "text" },
   count: { type: "integer", min: 1, max: 100_000 },
   size: { type: "integer", min: 1, max: 1 << 20 }, // written whole before reading: within socket buffers
   timeout: { type: "integer", min: 1 },
@@ -180,6 +190,7 @@ function optionsFrom(flags: Flags<typeof FLAGS>): LoadOptions {
   return {
     hostname: flags.host,
     port: flags.port,
+    unixPath: flags.unix,
     count: flags.count,
     size: flags.size,
     duration: flags.duration,
