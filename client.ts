@@ -46,6 +46,8 @@ export interface ClientResult {
   error?: string;
   /** True if the failure means no server answers: a refused connection, or no UDP reply at all. */
   refused?: boolean;
+  /** True if the failure is the client's own (a missing permission): the same for every connection. */
+  setup?: boolean;
 }
 
 /** What {@linkcode runClients} does when an option is not given; the flags share them. */
@@ -102,12 +104,13 @@ async function echoOnce(
     open = undefined;
   }, timeout);
   let got = 0;
-  const result = (error?: string, refused?: boolean): ClientResult => ({
+  const result = (error?: string, refused?: boolean, setup?: boolean): ClientResult => ({
     ok: error === undefined,
     bytes: got,
     ms: performance.now() - start,
     ...(error === undefined ? {} : { error }),
     ...(refused ? { refused } : {}),
+    ...(setup ? { setup } : {}),
   });
   try {
     const { signal } = abort;
@@ -156,9 +159,8 @@ async function echoOnce(
       const fix = unixPath
         ? `--allow-read=${unixPath} --allow-write=${unixPath} --allow-net=unix:${unixPath}`
         : `--allow-net=${hostname.includes(":") ? `[${hostname}]` : hostname}`;
-      return result(
-        `no permission to connect to ${unixPath || `${hostname}:${port}`}: run with ${fix}`,
-      );
+      const where = unixPath || `${hostname}:${port}`;
+      return result(`no permission to connect to ${where}: run with ${fix}`, false, true);
     }
     return result(
       error instanceof Error ? `${error.name}: ${error.message}` : String(error),
@@ -345,9 +347,8 @@ async function printEchoes(options: Required<ClientOptions>): Promise<number> {
     console.error(noServerMessage(options));
     return 1;
   }
-  const [first] = results;
-  if (results.every((result) => !result.ok && result.error === first.error)) {
-    console.error(`client.ts: ${first.error}`); // the same for all: say it once
+  if (results.every((result) => result.setup)) {
+    console.error(`client.ts: ${results[0].error}`); // the same for all: say it once
     return 1;
   }
   results.forEach((result, i) => {
