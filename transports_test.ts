@@ -239,14 +239,24 @@ Deno.test("a live server's socket, a regular file or a directory at --unix PATH:
 
 Deno.test("--unix without permission for the path: one line naming the three flags, exit 1", async () => {
   const path = socketPath();
-  const { code, stdout, stderr } = await runScript("main.ts", ["--unix", path], {
-    permissions: [],
-  });
-  assertEquals([code, stdout], [1, ""]);
+  const flags = unixPermissions(path).join(" ");
+  const server = await runScript("main.ts", ["--unix", path], { permissions: [] });
+  assertEquals([server.code, server.stdout], [1, ""]);
   assertEquals(
-    stderr,
-    `main.ts: no permission to use the socket ${path}: run with ${
-      unixPermissions(path).join(" ")
-    }\n`,
+    server.stderr,
+    `main.ts: no permission to use the socket ${path}: run with ${flags}\n`,
   );
+  // The client, too, needs all three, and says so once, not once per connection.
+  await using live = await ServerProcess.start(["--unix", path], {
+    permissions: unixPermissions(path),
+  });
+  const client = await runScript("client.ts", ["--unix", path], {
+    permissions: [`--allow-net=unix:${path}`],
+  });
+  assertEquals([client.code, client.stdout], [1, ""]);
+  assertEquals(
+    client.stderr,
+    `client.ts: no permission to connect to ${path}: run with ${flags}\n`,
+  );
+  assertEquals((await live.stop("SIGTERM")).code, 0);
 });
