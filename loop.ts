@@ -228,6 +228,8 @@ export class Selector {
   #selecting = false;
   /** True once close() was called: nothing may be registered again. */
   #closed = false;
+  /** performance.now() when select() last returned: see {@linkcode Selector.now}. */
+  #now = 0;
 
   /**
    * Creates a selector.
@@ -250,6 +252,15 @@ export class Selector {
   /** How many resources are registered. */
   get size(): number {
     return this.#keys.size;
+  }
+
+  /**
+   * performance.now() when select() last returned (asyncio's `loop.time()`):
+   * a clock for callbacks, which run just after, without reading the clock
+   * again (each read costs 0.1-0.2 µs on some machines).
+   */
+  get now(): number {
+    return this.#now;
   }
 
   /**
@@ -426,7 +437,8 @@ export class Selector {
   /** What select() does once it has waited: takes the ready keys. */
   #collect(): ReadyEvent[] {
     const events = this.#core.collect(this.#events);
-    this.#core.fairness.check(performance.now()); // fairness
+    this.#now = performance.now();
+    this.#core.fairness.check(this.#now); // fairness
     if (this.trace) this.trace({ step: "select", ready: events });
     return events;
   }

@@ -296,7 +296,7 @@ export function serve(options: ServeOptions = {}): Server {
     if (verbose) console.log(`${peerOf(client)} echoing ${data.length} bytes`);
     client.data.bytes += data.length;
     stats.bytes += data.length;
-    if (idleTimeout) client.data.lastRead = performance.now();
+    if (idleTimeout) client.data.lastRead = selector.now;
   }
 
   function close(client: Client, error?: unknown): void {
@@ -322,7 +322,7 @@ export function serve(options: ServeOptions = {}): Server {
    * summed up in one log line a second at most, whatever the flood.
    */
   function answer(datagram: Uint8Array, from: Deno.Addr): boolean {
-    if (guard.check(from) !== "reply") {
+    if (guard.check(from, selector.now) !== "reply") {
       stats.dropped++;
       return false;
     }
