@@ -81,6 +81,21 @@ testEachStyle(
   },
 );
 
+Deno.test("client.ts --udp sends a datagram again when no reply comes", async () => {
+  // With a cap of 10 replies a second from one address, ten of the twenty senders
+  // get no reply at first; each try waits 3000 / 3 ms, by when the cap has refilled.
+  await using server = await ServerProcess.start(["--port", "0", "--udp", "--udp-rate", "10"], UDP);
+  const args = ["--port", `${server.port}`, "--udp", "--timeout", "3000"];
+  const retried = await runScript("client.ts", args, UDP);
+  assertEquals([retried.code, retried.stderr], [0, ""]);
+  assertMatch(retried.stdout, /^20\/20 echoed in \d+ ms$/m);
+  await delay(1000); // a full bucket again
+  const once = await runScript("client.ts", [...args, "--retries", "0", "--timeout", "500"], UDP);
+  assertEquals(once.code, 1);
+  assertEquals(once.stderr.match(/no reply from 127\.0\.0\.1:\d+ after 1 tries/g)?.length, 10);
+  assertMatch(once.stdout, /^10\/20 echoed in \d+ ms$/m);
+});
+
 testEachStyle(
   "a UDP flood from one source gets at most the rate cap, while another source is still answered",
   async (style) => {
