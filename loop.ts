@@ -788,66 +788,32 @@ const MAX_READ = 64 * 1024;
  * them; the last write of a lent chunk, or release(), returns it. This map
  * finds the key a buffer belongs to, from any send queue.
  */
-const lenders = new WeakMap<ArrayBufferLike, { lent(delta: number): void }>();
+const lenders = new WeakMap<ArrayBufferLike, BufferedKey>();
 
-/** A connection's key: keeps one read in flight, and writes what send() queues. */
-class ConnKey extends Key {
-  /** The fairness cohort its pending read is counted in, if any (see §3). */
-  cohort: Cohort | undefined = undefined; // fairness
-  /** True while a read() is pending: one at a time. */
-  #reading = false;
-  /** What the last read gave and recv() has not taken: a byte count, null at EOF. */
-  #received: number | null | undefined = undefined;
-  /** Chunks of #buf waiting in some send queue, plus one while retained: no read while any. */
+/**
+ * What connection and datagram keys share: the zero-copy echo (a read buffer
+ * lent while its bytes wait in a send queue, or retained) and backpressure on
+ * the send queue.
+ */
+abstract class BufferedKey extends Key {
+  /** The read buffer: recv() and recvfrom() hand out views of it (see `lenders`). */
+  protected buf: Uint8Array | undefined = undefined;
+  /** Bytes in the send queue. */
+  #queued = 0;
+  /** Backpressure: true from above the high-water mark until back at the low-water mark. */
+  #paused = false;
+  /** Views of `buf` waiting in some send queue, plus one while retained: no read while any. */
   #lent = 0;
   /** True between retain() and release(). */
   #retained = false;
-  /** The read buffer, handed out by recv() (see `lenders`). */
-  #buf: Uint8Array = new Uint8Array(0);
-  /** The size of the next read buffer. */
-  #nextSize = MIN_READ;
-  /** The send queue: chunks not yet written, from #head on (the rest are written). */
-  #chunks: (Uint8Array | undefined)[] = [];
-  /** Index of the chunk being written: shifting the array on each write would cost O(n). */
-  #head = 0;
-  /** Bytes in the send queue. */
-  #queued = 0;
-  /** True while a write() is pending: one at a time, in order. */
-  #writing = false;
-  /** Backpressure: true from above the high-water mark until back at the low-water mark. */
-  #paused = false;
 
   override get queued(): number {
     return this.#queued;
   }
 
-  get readiness(): number {
-    if (this.error) return READ | WRITE;
-    return (this.#received !== undefined ? READ : 0) | (this.#queued === 0 ? WRITE : 0);
-  }
-
-  override recv(): Uint8Array | null {
-    if (this.error) throw this.error;
-    const n = this.#received;
-    if (n === undefined) throw new Deno.errors.WouldBlock("recv() before the key was ready");
-    if (n === null) return null; // EOF stays readable, as on a socket
-    this.#received = undefined;
-    if (!this.pinned) this.core.pin(this); // the bytes are the caller's until select()
-    return this.#buf.subarray(0, n);
-  }
-
-  override send(bytes: Uint8Array): void {
-    if (this.error) throw this.error;
-    if (!this.registered) throw new Deno.errors.BadResource("send() on an unregistered key");
-    if (bytes.byteLength === 0) return;
-    this.#lend(bytes, 1);
-    this.#chunks.push(bytes);
-    this.#queued += bytes.byteLength;
-    if (this.#queued > this.core.highWaterMark && !this.#paused) {
-      this.#paused = true;
-      this.core.trace?.({ step: "pause", key: this });
-    }
-    if (!this.#writing) this.#write();
+  /** Whether no read may start now: the buffer is lent or retained, or backpressure pauses reading. */
+  protected get blocked(): boolean {
+    return this.#lent > 0 || this.#paused;
   }
 
   override retain(): void {
@@ -862,24 +828,97 @@ class ConnKey extends Key {
     this.lent(-1);
   }
 
-  /** Counts chunks of this key's read buffer entering (+1) or leaving (-1) a send queue. */
+  /** Counts views of this key's buffer entering (+1) or leaving (-1) a send queue. */
   lent(delta: number): void {
     this.#lent += delta;
     if (this.#lent === 0) this.startNext();
   }
 
+  /** Counts bytes entering the send queue, and lends them; pauses reading above the high-water mark. */
+  protected enqueued(bytes: Uint8Array): void {
+    this.lend(bytes, 1);
+    this.#queued += bytes.byteLength;
+    if (this.#queued > this.core.highWaterMark && !this.#paused) {
+      this.#paused = true;
+      this.core.trace?.({ step: "pause", key: this });
+    }
+  }
+
+  /** Counts `n` bytes sent; reading resumes at the low-water mark. */
+  protected sent(n: number): void {
+    this.#queued -= n;
+    if (this.#paused && this.#queued <= this.core.lowWaterMark) {
+      this.#paused = false;
+      this.core.trace?.({ step: "resume", key: this });
+      this.startNext();
+    }
+  }
+
+  /** The send queue was dropped: nothing is queued any more. */
+  protected emptied(): void {
+    this.#queued = 0;
+  }
+
+  /** Tells the key whose buffer `bytes` come from that they are (+1) or no longer (-1) queued. */
+  protected lend(bytes: Uint8Array, delta: number): void {
+    if (bytes.buffer === this.buf?.buffer) this.lent(delta); // an echo: our own buffer
+    else lenders.get(bytes.buffer)?.lent(delta);
+  }
+}
+
+/** A connection's key: keeps one read in flight, and writes what send() queues. */
+class ConnKey extends BufferedKey {
+  /** The fairness cohort its pending read is counted in, if any (see §3). */
+  cohort: Cohort | undefined = undefined; // fairness
+  /** True while a read() is pending: one at a time. */
+  #reading = false;
+  /** What the last read gave and recv() has not taken: a byte count, null at EOF. */
+  #received: number | null | undefined = undefined;
+  /** The size of the next read buffer. */
+  #nextSize = MIN_READ;
+  /** The send queue: chunks not yet written, from #head on (the rest are written). */
+  #chunks: (Uint8Array | undefined)[] = [];
+  /** Index of the chunk being written: shifting the array on each write would cost O(n). */
+  #head = 0;
+  /** True while a write() is pending: one at a time, in order. */
+  #writing = false;
+
+  get readiness(): number {
+    if (this.error) return READ | WRITE;
+    return (this.#received !== undefined ? READ : 0) | (this.queued === 0 ? WRITE : 0);
+  }
+
+  override recv(): Uint8Array | null {
+    if (this.error) throw this.error;
+    const n = this.#received;
+    if (n === undefined) throw new Deno.errors.WouldBlock("recv() before the key was ready");
+    if (n === null) return null; // EOF stays readable, as on a socket
+    this.#received = undefined;
+    if (!this.pinned) this.core.pin(this); // the bytes are the caller's until select()
+    return this.buf!.subarray(0, n);
+  }
+
+  override send(bytes: Uint8Array): void {
+    if (this.error) throw this.error;
+    if (!this.registered) throw new Deno.errors.BadResource("send() on an unregistered key");
+    if (bytes.byteLength === 0) return;
+    this.enqueued(bytes);
+    this.#chunks.push(bytes);
+    if (!this.#writing) this.#write();
+  }
+
   startNext(): void {
     if (
       this.#reading || !this.registered || !(this.events & READ) || this.error ||
-      this.#received !== undefined || this.pinned || this.#lent > 0 || this.#paused
+      this.#received !== undefined || this.pinned || this.blocked
     ) return;
     if (!this.core.fairness.admitRead(this)) return; // fairness: throttled, it starts later
-    if (this.#buf.byteLength !== this.#nextSize) {
-      this.#buf = new Uint8Array(this.#nextSize);
-      lenders.set(this.#buf.buffer, this);
+    if (this.buf?.byteLength !== this.#nextSize) {
+      this.buf = new Uint8Array(this.#nextSize);
+      lenders.set(this.buf.buffer, this);
     }
     this.#reading = true;
-    (this.resource as Deno.Conn).read(this.#buf).then(this.#onRead, this.#onReadError);
+    (this.resource as Deno.Conn).read(this.buf).then(this.#onRead, this.#onReadError);
   }
 
   cancel(): void {
@@ -891,7 +930,7 @@ class ConnKey extends Key {
   #onRead = (n: number | null): void => {
     this.#reading = false;
     if (this.registered) {
-      const size = this.#buf.byteLength;
+      const size = this.buf!.byteLength;
       if (n === size) this.#nextSize = Math.min(MAX_READ, size * 4);
       else if (n !== null && n <= size / 16) this.#nextSize = MIN_READ;
       this.#received = n;
@@ -917,18 +956,13 @@ class ConnKey extends Key {
   #onWrite = (n: number): void => {
     this.core.fairness.writeDone(); // fairness
     const chunk = this.#chunks[this.#head]!;
-    if (!this.registered) return this.#lend(chunk, -1);
-    this.#queued -= n;
+    if (!this.registered) return this.lend(chunk, -1);
+    this.sent(n);
     if (n < chunk.byteLength) {
       this.#chunks[this.#head] = chunk.subarray(n); // a partial write: go on with the rest
     } else {
       this.#chunks[this.#head++] = undefined;
-      this.#lend(chunk, -1);
-    }
-    if (this.#paused && this.#queued <= this.core.lowWaterMark) {
-      this.#paused = false;
-      this.core.trace?.({ step: "resume", key: this });
-      this.startNext();
+      this.lend(chunk, -1);
     }
     if (this.#head < this.#chunks.length) return this.#write();
     this.#chunks.length = 0;
@@ -939,23 +973,17 @@ class ConnKey extends Key {
 
   #onWriteError = (error: Error): void => {
     this.#writing = false;
-    if (!this.registered) return this.#lend(this.#chunks[this.#head]!, -1);
+    if (!this.registered) return this.lend(this.#chunks[this.#head]!, -1);
     this.#dropQueue(this.#head); // nothing more can be written
     this.#fail(error);
   };
 
-  /** Tells the key whose read buffer `bytes` come from that they are (+1) or no longer (-1) queued. */
-  #lend(bytes: Uint8Array, delta: number): void {
-    if (bytes.buffer === this.#buf.buffer) this.lent(delta); // an echo: our own buffer
-    else lenders.get(bytes.buffer)?.lent(delta);
-  }
-
   /** Empties the send queue, returning lent buffers from chunk `from` on. */
   #dropQueue(from: number): void {
-    for (let i = from; i < this.#chunks.length; i++) this.#lend(this.#chunks[i]!, -1);
+    for (let i = from; i < this.#chunks.length; i++) this.lend(this.#chunks[i]!, -1);
     if (from === this.#head) this.#chunks = [];
     else this.#chunks.length = from; // keep the chunk being written
-    this.#queued = 0;
+    this.emptied();
   }
 
   #fail(error: Error): void {
@@ -975,7 +1003,7 @@ const DATAGRAM_RETRY_MS = 10;
  * sends what sendto() queues, one datagram at a time, in order. Its bytes are
  * lent as a connection's are. Fairness (§3) does not apply: it is one socket.
  */
-class DatagramKey extends Key {
+class DatagramKey extends BufferedKey {
   /** True while a receive() is pending. */
   #receiving = false;
   /** The datagram received and not yet taken, and its sender. */
@@ -985,29 +1013,15 @@ class DatagramKey extends Key {
   #gone = false;
   /** The timer that ends the pause after a receive error. */
   #retryTimer: ReturnType<typeof setTimeout> | undefined = undefined;
-  /** Datagrams of #buf waiting in some send queue, plus one while retained: no receive while any. */
-  #lent = 0;
-  /** True between retain() and release(). */
-  #retained = false;
-  /** The receive buffer, made at the first receive. */
-  #buf: Uint8Array | undefined = undefined;
   /** The send queue: datagrams and their addresses, from #head on. */
   #queue: ([Uint8Array, Deno.Addr] | undefined)[] = [];
   #head = 0;
-  /** Bytes in the send queue. */
-  #queued = 0;
   /** True while a send() is pending. */
   #sending = false;
-  /** Backpressure, as for a connection. */
-  #paused = false;
-
-  override get queued(): number {
-    return this.#queued;
-  }
 
   get readiness(): number {
     if (this.error) return READ | WRITE;
-    return (this.#datagram ? READ : 0) | (this.#queued === 0 && !this.#sending ? WRITE : 0);
+    return (this.#datagram ? READ : 0) | (this.queued === 0 && !this.#sending ? WRITE : 0);
   }
 
   override recvfrom(): [Uint8Array, Deno.Addr] {
@@ -1029,45 +1043,22 @@ class DatagramKey extends Key {
   override sendto(bytes: Uint8Array, addr: Deno.Addr): void {
     if (this.#gone) throw this.error;
     if (!this.registered) throw new Deno.errors.BadResource("sendto() on an unregistered key");
-    this.#lend(bytes, 1);
+    this.enqueued(bytes);
     this.#queue.push([bytes, addr]);
-    this.#queued += bytes.byteLength;
-    if (this.#queued > this.core.highWaterMark && !this.#paused) {
-      this.#paused = true;
-      this.core.trace?.({ step: "pause", key: this });
-    }
     if (!this.#sending) this.#sendNext();
-  }
-
-  override retain(): void {
-    if (this.#retained) return;
-    this.#retained = true;
-    this.lent(1);
-  }
-
-  override release(): void {
-    if (!this.#retained) return;
-    this.#retained = false;
-    this.lent(-1);
-  }
-
-  /** Counts datagrams of this key's buffer entering (+1) or leaving (-1) a send queue. */
-  lent(delta: number): void {
-    this.#lent += delta;
-    if (this.#lent === 0) this.startNext();
   }
 
   startNext(): void {
     if (
       this.#receiving || !this.registered || !(this.events & READ) || this.error ||
-      this.#datagram || this.pinned || this.#lent > 0 || this.#paused || this.#retryTimer
+      this.#datagram || this.pinned || this.blocked || this.#retryTimer
     ) return;
-    if (!this.#buf) {
-      this.#buf = new Uint8Array(DATAGRAM_BUFFER);
-      lenders.set(this.#buf.buffer, this);
+    if (!this.buf) {
+      this.buf = new Uint8Array(DATAGRAM_BUFFER);
+      lenders.set(this.buf.buffer, this);
     }
     this.#receiving = true;
-    (this.resource as Deno.DatagramConn).receive(this.#buf).then(
+    (this.resource as Deno.DatagramConn).receive(this.buf).then(
       this.#onReceive,
       this.#onReceiveError,
     );
@@ -1112,14 +1103,9 @@ class DatagramKey extends Key {
   #onSent = (): void => {
     const [bytes] = this.#queue[this.#head]!;
     this.#queue[this.#head++] = undefined;
-    this.#lend(bytes, -1);
+    this.lend(bytes, -1);
     if (!this.registered) return;
-    this.#queued -= bytes.byteLength;
-    if (this.#paused && this.#queued <= this.core.lowWaterMark) {
-      this.#paused = false;
-      this.core.trace?.({ step: "resume", key: this });
-      this.startNext();
-    }
+    this.sent(bytes.byteLength);
     if (this.#head < this.#queue.length) return this.#sendNext();
     this.#queue.length = 0;
     this.#head = 0;
@@ -1138,18 +1124,12 @@ class DatagramKey extends Key {
 
   /** Empties the send queue, returning lent buffers from datagram `from` on. */
   #dropQueue(from: number): void {
-    for (let i = from; i < this.#queue.length; i++) this.#lend(this.#queue[i]![0], -1);
+    for (let i = from; i < this.#queue.length; i++) this.lend(this.#queue[i]![0], -1);
     if (from === this.#head) {
       this.#queue = [];
       this.#head = 0;
     } else this.#queue.length = from; // keep the datagram being sent
-    this.#queued = 0;
-  }
-
-  /** Tells the key whose buffer `bytes` come from that they are (+1) or no longer (-1) queued. */
-  #lend(bytes: Uint8Array, delta: number): void {
-    if (bytes.buffer === this.#buf?.buffer) this.lent(delta); // an echo: our own buffer
-    else lenders.get(bytes.buffer)?.lent(delta);
+    this.emptied();
   }
 }
 
