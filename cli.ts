@@ -35,7 +35,8 @@ export class UsageError extends Error {
 }
 
 /**
- * Parses command-line arguments against a table of flags.
+ * Parses command-line arguments against a table of flags; `-h` is `--help`,
+ * and an empty value is a mistake.
  *
  * @example Usage
  * ```ts
@@ -60,13 +61,9 @@ export function parseFlags<const Specs extends FlagSpecs>(
 ): Flags<Specs> {
   const flags: Record<string, string | number | boolean> = {};
   for (let i = 0; i < args.length; i++) {
-    const arg = args[i];
+    const arg = args[i] === "-h" ? "--help" : args[i];
     const match = /^--([a-z][a-z-]*)(?:=(.*))?$/s.exec(arg);
-    if (!match) {
-      throw new UsageError(
-        arg === "-h" ? "Use --help" : `Unexpected argument "${arg}"`,
-      );
-    }
+    if (!match) throw new UsageError(`Unexpected argument "${arg}"`);
     const [, name, inline] = match;
     const spec = Object.hasOwn(specs, name) ? specs[name] : undefined;
     if (!spec) throw new UsageError(`Unknown flag --${name}`);
@@ -81,6 +78,7 @@ export function parseFlags<const Specs extends FlagSpecs>(
     if (value === undefined) {
       throw new UsageError(`--${name} needs a value`);
     }
+    if (value.trim() === "") throw new UsageError(`--${name} needs a value, not an empty one`);
     flags[name] = spec.type === "text" ? value : toNumber(name, value, spec);
   }
   return flags as Flags<Specs>; // each value was read as its spec says
@@ -88,7 +86,7 @@ export function parseFlags<const Specs extends FlagSpecs>(
 
 function toNumber(name: string, text: string, spec: FlagSpec): number {
   const { min = -Infinity, max = Infinity } = spec;
-  const value = text.trim() === "" ? NaN : Number(text);
+  const value = Number(text);
   const integer = spec.type === "integer";
   if (
     (integer ? Number.isInteger(value) : Number.isFinite(value)) &&

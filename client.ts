@@ -317,9 +317,7 @@ export async function main(args: string[]): Promise<number> {
 
 /** Reads the command line into runClients() options, or throws a UsageError. */
 function optionsFrom(flags: Flags<typeof FLAGS>): ClientOptions {
-  if (flags.message === "") throw new UsageError("--message must not be empty");
   if (flags.unix !== undefined) {
-    if (flags.unix === "") throw new UsageError("--unix needs a path");
     if (flags.host !== undefined || flags.port !== undefined || flags.udp) {
       throw new UsageError("--unix connects to a socket file: not with --host, --port or --udp");
     }

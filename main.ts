@@ -668,7 +668,6 @@ function optionsFrom(flags: Flags<typeof FLAGS>): ServeOptions {
     throw new UsageError(`--style must be callbacks or async, got "${style}"`);
   }
   if (flags.unix !== undefined) {
-    if (flags.unix === "") throw new UsageError("--unix needs a path");
     if (flags.host !== undefined || flags.port !== undefined || flags.udp) {
       throw new UsageError("--unix serves on a socket file: not with --host, --port or --udp");
     }

@@ -160,6 +160,13 @@ Deno.test("bad flags and values print the problem and usage, exit 2", async () =
     [["8888"], `Unexpected argument "8888"`],
     [["--verbose", "--quiet"], "--verbose and --quiet do not go together"],
     [["--style", "threads"], `--style must be callbacks or async, got "threads"`],
+    [["--host="], "--host needs a value, not an empty one"],
+    [["--port", " "], "--port needs a value, not an empty one"],
+    [
+      ["--unix", "/tmp/x.sock", "--port", "1"],
+      "--unix serves on a socket file: not with --host, --port or --udp",
+    ],
+    [["--udp-rate", "5"], "--udp-rate needs --udp"],
   ];
   await Promise.all(cases.map(async ([args, message]) => {
     const { code, stdout, stderr } = await runScript("main.ts", args);
@@ -170,9 +177,10 @@ Deno.test("bad flags and values print the problem and usage, exit 2", async () =
   }));
 });
 
-Deno.test("--help prints the flags and exits 0", async () => {
+Deno.test("--help and -h print the flags and exit 0", async () => {
   const { code, stdout } = await runScript("main.ts", ["--help"]);
   assertEquals(code, 0);
+  assertEquals(await runScript("main.ts", ["-h"]), { code, stdout, stderr: "" });
   for (
     const flag of [
       "--host",
@@ -197,12 +205,27 @@ Deno.test("the client says when no server is running, exit 1; bad client flags e
     refused.stderr,
     `client.ts: connection refused by 127.0.0.1:${port}: is the server running? Start it with: deno task start --port ${port}\n`,
   );
-  const bad = await runScript("client.ts", ["--count", "0"]);
-  assertEquals(bad.code, 2);
-  assertMatch(
-    bad.stderr,
-    /^client\.ts: --count must be a whole number from 1 to 100000, got "0"\nusage: /,
-  );
+  for (
+    const [args, message] of [
+      [["--count", "0"], `--count must be a whole number from 1 to 100000, got "0"`],
+      [["--host="], "--host needs a value, not an empty one"],
+      [["--message", ""], "--message needs a value, not an empty one"],
+      [
+        ["--unix", "/tmp/x.sock", "--udp"],
+        "--unix connects to a socket file: not with --host, --port or --udp",
+      ],
+      [["--retries", "2"], "--retries needs --udp"],
+    ]
+  ) {
+    const bad = await runScript("client.ts", args as string[]);
+    assertEquals([bad.code, bad.stdout], [2, ""], String(args));
+    const [first, usage, ...rest] = bad.stderr.split("\n");
+    assertEquals([first, rest], [`client.ts: ${message}`, [""]]);
+    assertMatch(usage, /^usage: deno run .*client\.ts/);
+  }
+  const help = await runScript("client.ts", ["-h"]);
+  assertEquals(help.code, 0);
+  assertMatch(help.stdout, /^ {2}--udp /m);
 });
 
 Deno.test("the client reports a wrong echo, one line per connection, exit 1", async () => {
