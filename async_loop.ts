@@ -479,6 +479,12 @@ export class AsyncLoop {
    * @returns It, ready for recv() and send(), or recvfrom() and sendto().
    */
   adopt(resource: Deno.Conn): Connection;
+  /**
+   * Registers a datagram socket from `Deno.listenDatagram()`.
+   *
+   * @param resource The socket.
+   * @returns It, ready for recvfrom() and sendto().
+   */
   adopt(resource: Deno.DatagramConn): DatagramSocket;
   adopt(resource: Deno.Conn | Deno.DatagramConn): Connection | DatagramSocket {
     if ("read" in resource) return this.#adopt(resource);

@@ -31,6 +31,7 @@ export type Flags<Specs extends FlagSpecs = FlagSpecs> = {
 
 /** A mistake on the command line: the message is the one line to show the user. */
 export class UsageError extends Error {
+  /** The error's name, as Deno's own errors have one. */
   override name = "UsageError";
 }
 
