@@ -253,7 +253,7 @@ async function datagramOnce(
 }
 
 const USAGE =
-  `usage: deno run --allow-net=127.0.0.1 client.ts [--host H] [--port N] [--udp [--retries N]] [--unix PATH] [--count N] [--message TEXT] [--timeout MS]`;
+  `usage: deno run --allow-net=127.0.0.1 client.ts [--host H] [--port N] [--udp [--retries N]] [--unix PATH] [--count N] [--message TEXT] [--timeout MS] [--json]`;
 
 const HELP = `Opens concurrent connections to an echo server; each sends a message and checks
 that exactly that message comes back.
@@ -270,6 +270,7 @@ ${USAGE}
   --message TEXT   what each connection sends (default "${DEFAULTS.message}")
   --timeout MS     milliseconds each connection may take; UDP waits that long over all tries
                    (default ${DEFAULTS.timeout})
+  --json           print one JSON document (each connection, and a summary) instead
   --duration S     load mode instead, for benchmarks: see --duration 1 --help
   --help           show this help
 
@@ -284,6 +285,7 @@ const FLAGS = {
   count: { type: "integer", min: 1, max: 100_000 },
   message: { type: "text" },
   timeout: { type: "integer", min: 1 },
+  json: { type: "boolean" },
 } as const;
 
 /**
@@ -302,17 +304,17 @@ export async function main(args: string[]): Promise<number> {
     args,
     FLAGS,
     { name: "client.ts", usage: USAGE, help: HELP },
-    optionsFrom,
+    (flags) => ({ options: optionsFrom(flags), json: flags.json ?? false }),
   );
   if ("exit" in parsed) return parsed.exit;
-  const options = withDefaults(parsed.options, DEFAULTS);
+  const options = withDefaults(parsed.options.options, DEFAULTS);
   if (options.udp && typeof Deno.listenDatagram !== "function") {
     console.error(
       "client.ts: --udp needs Deno's unstable UDP API: add --unstable-net to deno run (deno task client has it)",
     );
     return 2;
   }
-  return await printEchoes(options);
+  return await printEchoes(options, parsed.options.json);
 }
 
 /** Reads the command line into runClients() options, or throws a UsageError. */
@@ -336,25 +338,57 @@ function optionsFrom(flags: Flags<typeof FLAGS>): ClientOptions {
 }
 
 /** The lesson's run: one line per reply, then a summary. */
-async function printEchoes(options: Required<ClientOptions>): Promise<number> {
+async function printEchoes(options: Required<ClientOptions>, json: boolean): Promise<number> {
   const start = performance.now();
   const results = await runClients(options);
-  const ms = Math.round(performance.now() - start);
+  const ms = performance.now() - start;
   const passed = results.filter((result) => result.ok).length;
-  if (results.every((result) => result.refused)) {
-    console.error(noServerMessage(options));
-    return 1;
+  const failure = results.every((result) => result.refused)
+    ? noServerMessage(options)
+    : results.every((result) => result.setup)
+    ? `client.ts: ${results[0].error}` // the same for all: say it once
+    : undefined;
+  if (failure) console.error(failure);
+  if (json) {
+    console.log(JSON.stringify(report(options, results, ms, failure), null, 2));
+  } else if (!failure) {
+    results.forEach((result, i) => {
+      if (result.ok) console.log(`reply from server= ${options.message}`);
+      else console.error(`connection ${i + 1}: ${result.error}`);
+    });
+    console.log(`${passed}/${results.length} echoed in ${Math.round(ms)} ms`);
   }
-  if (results.every((result) => result.setup)) {
-    console.error(`client.ts: ${results[0].error}`); // the same for all: say it once
-    return 1;
-  }
-  results.forEach((result, i) => {
-    if (result.ok) console.log(`reply from server= ${options.message}`);
-    else console.error(`connection ${i + 1}: ${result.error}`);
-  });
-  console.log(`${passed}/${results.length} echoed in ${ms} ms`);
   return passed === results.length ? 0 : 1;
+}
+
+/** Everything a run found, for `--json`: each connection, and a summary. */
+function report(
+  options: Required<ClientOptions>,
+  results: ClientResult[],
+  ms: number,
+  failure: string | undefined,
+) {
+  const { hostname, port, unixPath, udp } = options;
+  const times = results.map((result) => result.ms).toSorted((a, b) => a - b);
+  const at = (q: number) => round(times[Math.min(times.length - 1, Math.floor(q * times.length))]);
+  const ok = results.filter((result) => result.ok).length;
+  return {
+    server: unixPath ? { unix: unixPath } : { host: hostname, port, protocol: udp ? "udp" : "tcp" },
+    summary: {
+      count: results.length,
+      ok,
+      failed: results.length - ok,
+      bytes: results.reduce((sum, result) => sum + result.bytes, 0),
+      ms: { total: round(ms), min: at(0), p50: at(0.5), p99: at(0.99), max: at(1) },
+      ...(failure ? { error: failure } : {}),
+    },
+    results: results.map((result) => ({ ...result, ms: round(result.ms) })),
+  };
+}
+
+/** Milliseconds to a hundredth, for reports. */
+function round(ms: number): number {
+  return Math.round(ms * 100) / 100;
 }
 
 /** One line for a user whose server does not answer at all: what to start. */

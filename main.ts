@@ -29,6 +29,9 @@ export type LogLevel = "quiet" | "info" | "verbose";
 /** How the server is written: the lesson's callbacks, or coroutines on the same loop. */
 export type Style = "callbacks" | "async";
 
+/** How log lines look: plain text, or one JSON object per line for log collectors. */
+export type LogFormat = "text" | "json";
+
 /** Options for {@linkcode serve}. */
 export interface ServeOptions {
   /** The address to listen on. @default {"127.0.0.1"} */
@@ -43,6 +46,8 @@ export interface ServeOptions {
   gracePeriod?: number;
   /** `quiet`: errors only; `info`: a line per connection; `verbose`: and per echo. @default {"info"} */
   logLevel?: LogLevel;
+  /** `text`, or `json`: `{"time", "level", "message"}` per line. @default {"text"} */
+  logFormat?: LogFormat;
   /** Callbacks or coroutines. @default {"callbacks"} */
   style?: Style;
   /** Also serve UDP echo on the same address and port (needs `--unstable-net`). @default {false} */
@@ -69,6 +74,12 @@ export interface ServerStats {
   datagrams: number;
   /** UDP datagrams not answered: over a source's rate, or from a responder's port. */
   dropped: number;
+  /** The most connections open at once. */
+  peak: number;
+  /** Connections that ended in an error (a reset, a timeout, the grace period...). */
+  failed: number;
+  /** performance.now() when the server started. */
+  readonly started: number;
 }
 
 /** A running echo server. */
@@ -146,6 +157,47 @@ function describe(error: unknown): string {
   return String(error);
 }
 
+/** Where log lines go: stdout for information, stderr for errors. */
+interface Log {
+  info(message: string): void;
+  error(message: string): void;
+}
+
+/** Log lines as plain text, or as one JSON object each with a timestamp, for log collectors. */
+function logTo(format: LogFormat): Log {
+  if (format === "text") return { info: console.log, error: console.error };
+  const line = (level: string, message: string) =>
+    JSON.stringify({ time: new Date().toISOString(), level, message });
+  return {
+    info: (message) => console.log(line("info", message)),
+    error: (message) => console.error(line("error", message)),
+  };
+}
+
+/**
+ * Counters for OpenTelemetry, when Deno exports to a collector (`OTEL_DENO=true`;
+ * Deno then exports the log lines too); undefined otherwise, and then nothing
+ * is counted.
+ */
+function openTelemetry() {
+  let meter;
+  try {
+    meter = Deno.telemetry.meterProvider.getMeter("echo");
+  } catch {
+    return undefined; // "otel not initialized": OTEL_DENO is not set
+  }
+  return {
+    accepted: meter.createCounter("echo.connections.accepted", {
+      description: "Connections accepted",
+    }),
+    open: meter.createUpDownCounter("echo.connections.open", {
+      description: "Connections open",
+    }),
+    bytes: meter.createCounter("echo.bytes", { description: "Bytes echoed over streams" }),
+    datagrams: meter.createCounter("echo.datagrams", { description: "UDP datagrams echoed" }),
+  };
+}
+
 /** What {@linkcode serve} does when an option is not given (no trace); main.ts's flags share them. */
 const DEFAULTS: Required<Omit<ServeOptions, "trace">> = {
   hostname: "127.0.0.1",
@@ -154,6 +206,7 @@ const DEFAULTS: Required<Omit<ServeOptions, "trace">> = {
   idleTimeout: 0,
   gracePeriod: 5000,
   logLevel: "info",
+  logFormat: "text",
   style: "callbacks",
   udp: false,
   udpRate: 100,
@@ -189,6 +242,7 @@ export function serve(options: ServeOptions = {}): Server {
     idleTimeout,
     gracePeriod,
     logLevel,
+    logFormat,
     style,
     udp,
     udpRate,
@@ -197,6 +251,8 @@ export function serve(options: ServeOptions = {}): Server {
   const { trace } = options;
   const logs = logLevel !== "quiet";
   const verbose = logLevel === "verbose";
+  const log = logTo(logFormat);
+  const metrics = openTelemetry();
 
   const listener = unixPath
     ? Deno.listen({ transport: "unix", path: unixPath })
@@ -243,6 +299,9 @@ export function serve(options: ServeOptions = {}): Server {
     },
     datagrams: 0,
     dropped: 0,
+    peak: 0,
+    failed: 0,
+    started: performance.now(),
   };
   const stopped = Promise.withResolvers<void>(); // settles when the engine's run() ends
   let idleTimer: ReturnType<typeof setInterval> | undefined = undefined;
@@ -260,21 +319,24 @@ export function serve(options: ServeOptions = {}): Server {
   function welcome(conn: Deno.Conn): Peer {
     if (outOfDescriptors) {
       outOfDescriptors = false;
-      console.error("accepting again");
+      log.error("accepting again");
     }
     // Deno leaves Nagle on: small echoes would wait ~40 ms. (Unix sockets have no Nagle.)
     if (conn.remoteAddr.transport === "tcp") (conn as Deno.TcpConn).setNoDelay(true);
     const peer = { id: ++stats.accepted, bytes: 0, lastRead: idleTimeout && performance.now() };
-    if (logs) console.log(`${peerOf({ resource: conn, queued: 0, data: peer })} connected`);
+    if (logs) log.info(`${peerOf({ resource: conn, queued: 0, data: peer })} connected`);
+    metrics?.accepted.add(1);
+    metrics?.open.add(1);
     return peer;
   }
 
   /** The connection is served: count it, and stop accepting at the cap. */
   function opened(client: Client): void {
     clients.add(client);
+    stats.peak = Math.max(stats.peak, clients.size);
     if (clients.size >= maxConns) {
       engine.accepting(false); // the kernel's backlog holds newcomers
-      if (logs) console.log(`${maxConns} connections open: new ones wait until one closes`);
+      if (logs) log.info(`${maxConns} connections open: new ones wait until one closes`);
     }
   }
 
@@ -282,29 +344,32 @@ export function serve(options: ServeOptions = {}): Server {
     if (/too many open files/i.test(String(error))) {
       if (!outOfDescriptors) {
         outOfDescriptors = true;
-        console.error(
+        log.error(
           "out of file descriptors: pausing accepts until connections close (raise `ulimit -n` or lower --max-conns)",
         );
       }
       return; // loop.ts backs off before the next accept
     }
-    console.error(`accept failed: ${describe(error)}`);
+    log.error(`accept failed: ${describe(error)}`);
   }
 
   /** Bytes arrived, about to be echoed. */
   function received(client: Client, data: Uint8Array): void {
-    if (verbose) console.log(`${peerOf(client)} echoing ${data.length} bytes`);
+    if (verbose) log.info(`${peerOf(client)} echoing ${data.length} bytes`);
     client.data.bytes += data.length;
     stats.bytes += data.length;
+    metrics?.bytes.add(data.length);
     if (idleTimeout) client.data.lastRead = selector.now;
   }
 
   function close(client: Client, error?: unknown): void {
     if (!clients.delete(client)) return; // closed already
     engine.release(client);
+    metrics?.open.add(-1);
+    if (error) stats.failed++;
     if (logs) {
       const { bytes } = client.data;
-      console.log(
+      log.info(
         error
           ? `${peerOf(client)} closed after ${bytes} bytes: ${describe(error)}`
           : `${peerOf(client)} closed, ${bytes} bytes echoed`,
@@ -326,8 +391,9 @@ export function serve(options: ServeOptions = {}): Server {
       stats.dropped++;
       return false;
     }
-    if (verbose) console.log(`udp ${formatAddr(from)} echoing ${datagram.length} bytes`);
+    if (verbose) log.info(`udp ${formatAddr(from)} echoing ${datagram.length} bytes`);
     stats.datagrams++;
+    metrics?.datagrams.add(1);
     return true;
   }
 
@@ -336,7 +402,7 @@ export function serve(options: ServeOptions = {}): Server {
     if (dropped === 0) return;
     droppedLogged = stats.dropped;
     if (logs) {
-      console.log(
+      log.info(
         `udp: ${dropped} datagrams not answered (over ${udpRate} replies/s from one address, or from a responder's port)`,
       );
     }
@@ -437,7 +503,7 @@ export function serve(options: ServeOptions = {}): Server {
       try {
         [datagram, from] = key.recvfrom(); // should be ready
       } catch (error) {
-        return console.error(`udp receive failed: ${describe(error)}`); // loop.ts tries again
+        return log.error(`udp receive failed: ${describe(error)}`); // loop.ts tries again
       }
       if (answer(datagram, from)) key.sendto(datagram, from);
     }
@@ -493,7 +559,7 @@ export function serve(options: ServeOptions = {}): Server {
   function coroutines(): Engine {
     const loop = new AsyncLoop({
       selector,
-      onError: (error) => console.error(`unexpected error: ${describe(error)}`),
+      onError: (error) => log.error(`unexpected error: ${describe(error)}`),
     });
     /** Set while at the connection cap: the accept loop waits for it. */
     let slotFree: PromiseWithResolvers<void> | undefined = undefined;
@@ -508,7 +574,7 @@ export function serve(options: ServeOptions = {}): Server {
           [datagram, from] = await loop.recvfrom(socket);
         } catch (error) {
           if (shuttingDown) return;
-          console.error(`udp receive failed: ${describe(error)}`);
+          log.error(`udp receive failed: ${describe(error)}`);
           continue; // loop.ts pauses before it receives again
         }
         if (answer(datagram, from)) await loop.sendto(socket, datagram, from);
@@ -620,7 +686,7 @@ export function serve(options: ServeOptions = {}): Server {
 const TRACE_LINES_PER_SECOND = 200;
 
 const USAGE =
-  `usage: deno run --allow-net=127.0.0.1 main.ts [--host H] [--port N] [--udp [--udp-rate N]] [--unix PATH] [--max-conns N] [--idle-timeout S] [--style callbacks|async] [--trace] [--verbose | --quiet]`;
+  `usage: deno run --allow-net=127.0.0.1 main.ts [--host H] [--port N] [--udp [--udp-rate N]] [--unix PATH] [--max-conns N] [--idle-timeout S] [--style callbacks|async] [--trace] [--log-format text|json] [--verbose | --quiet]`;
 
 const HELP = `An echo server (RFC 862): sends back every byte it receives, over TCP, and
 over UDP or a Unix socket if asked.
@@ -638,6 +704,8 @@ ${USAGE}
   --style STYLE      callbacks (the lesson's accept and read callbacks) or async (coroutines
                      on the same loop) (default ${DEFAULTS.style})
   --trace            print what the event loop does, turn by turn (at most ${TRACE_LINES_PER_SECOND} lines a second)
+  --log-format F     text, or json: one {"time", "level", "message"} object per line
+                     (default ${DEFAULTS.logFormat})
   --verbose          also log every echo
   --quiet            log errors only
   --help             show this help
@@ -654,6 +722,7 @@ const FLAGS = {
   unix: { type: "text" },
   style: { type: "text" },
   trace: { type: "boolean" },
+  "log-format": { type: "text" },
   verbose: { type: "boolean" },
   quiet: { type: "boolean" },
 } as const;
@@ -675,8 +744,13 @@ function optionsFrom(flags: Flags<typeof FLAGS>): ServeOptions {
   if (flags["udp-rate"] !== undefined && !flags.udp) {
     throw new UsageError("--udp-rate needs --udp");
   }
+  const logFormat = flags["log-format"];
+  if (logFormat !== undefined && logFormat !== "text" && logFormat !== "json") {
+    throw new UsageError(`--log-format must be text or json, got "${logFormat}"`);
+  }
   const idleSeconds = flags["idle-timeout"];
   return {
+    logFormat,
     hostname: flags.host,
     port: flags.port,
     udp: flags.udp,
@@ -726,7 +800,10 @@ function listenError(error: unknown, options: Required<Omit<ServeOptions, "trace
  *
  * @returns Why the server cannot use `path`, or undefined if it can.
  */
-async function claimUnixPath(path: string, logs: boolean): Promise<string | undefined> {
+async function claimUnixPath(
+  path: string,
+  log: Log | undefined,
+): Promise<string | undefined> {
   let info: Deno.FileInfo;
   try {
     info = await Deno.lstat(path);
@@ -745,7 +822,7 @@ async function claimUnixPath(path: string, logs: boolean): Promise<string | unde
     if (!(error instanceof Deno.errors.ConnectionRefused)) throw error;
   }
   await Deno.remove(path); // stale: left by a server that did not shut down
-  if (logs) console.log(`removed the stale socket file ${path}: nothing was listening on it`);
+  log?.info(`removed the stale socket file ${path}: nothing was listening on it`);
   return undefined;
 }
 
@@ -775,10 +852,10 @@ export async function main(args: string[]): Promise<number> {
     );
     return 2;
   }
+  const log = options.logLevel === "quiet" ? undefined : logTo(options.logFormat);
   let server: Server;
   try {
-    const unavailable = options.unixPath &&
-      await claimUnixPath(options.unixPath, options.logLevel !== "quiet");
+    const unavailable = options.unixPath && await claimUnixPath(options.unixPath, log);
     if (unavailable) {
       console.error(`main.ts: ${unavailable}`);
       return 1;
@@ -796,11 +873,9 @@ export async function main(args: string[]): Promise<number> {
     const handler = () => {
       if (stopping) Deno.exit(status);
       stopping = true;
-      if (options.logLevel !== "quiet") {
-        console.log(
-          `shutting down: ${server.stats.open} connections to finish (${signal} again to force)`,
-        );
-      }
+      log?.info(
+        `shutting down: ${server.stats.open} connections to finish (${signal} again to force)`,
+      );
       server.close();
     };
     Deno.addSignalListener(signal, handler);
@@ -808,15 +883,24 @@ export async function main(args: string[]): Promise<number> {
   });
   // Announce only now: whoever waits for this line may signal at once.
   const { addr } = server;
-  if (options.logLevel !== "quiet") {
-    const exposed = !("hostname" in addr) || isLoopback(addr.hostname)
-      ? ""
-      : " (reachable from the network)";
-    console.log(`listening on ${formatAddr(addr)}${exposed}`);
-  }
+  const exposed = !("hostname" in addr) || isLoopback(addr.hostname)
+    ? ""
+    : " (reachable from the network)";
+  log?.info(`listening on ${formatAddr(addr)}${exposed}`);
   await server.finished;
   for (const remove of handlers) remove();
+  log?.info(summary(server.stats, options.udp));
   return 0;
+}
+
+/** The shutdown summary: one line for the whole run. */
+function summary(stats: ServerStats, udp: boolean): string {
+  const seconds = ((performance.now() - stats.started) / 1000).toFixed(1);
+  const datagrams = udp
+    ? `, ${stats.datagrams} datagrams echoed and ${stats.dropped} not answered`
+    : "";
+  return `served ${stats.accepted} connections (at most ${stats.peak} at once) in ${seconds} s: ` +
+    `${stats.bytes} bytes echoed${datagrams}; ${stats.failed} connections ended in an error`;
 }
 
 if (import.meta.main) Deno.exit(await main(Deno.args));

@@ -28,6 +28,8 @@ export interface LoadOptions {
   duration?: number;
   /** Milliseconds a round trip may take before it counts as an error. @default {10000} */
   timeout?: number;
+  /** Called about four times a second with the round trips done so far. */
+  onProgress?: (roundTrips: number) => void;
 }
 
 /** What a load run measured. */
@@ -51,7 +53,7 @@ export interface LoadResult {
 }
 
 /** What {@linkcode runLoad} does when an option is not given; the flags share them. */
-const DEFAULTS: Required<LoadOptions> = {
+const DEFAULTS: Required<Omit<LoadOptions, "onProgress">> = {
   hostname: "127.0.0.1",
   port: 8888,
   unixPath: "",
@@ -71,7 +73,7 @@ const DEFAULTS: Required<LoadOptions> = {
  */
 export async function runLoad(options: LoadOptions = {}): Promise<LoadResult> {
   const { hostname, port, unixPath, count, size, duration, timeout } = withDefaults(
-    options,
+    options as Omit<LoadOptions, "onProgress">,
     DEFAULTS,
   );
   const latencies: number[] = [];
@@ -83,6 +85,8 @@ export async function runLoad(options: LoadOptions = {}): Promise<LoadResult> {
   const start = performance.now();
   const end = start + duration * 1000;
   // One watchdog for all connections: a stalled one is closed, which ends its read.
+  const { onProgress } = options;
+  const ticker = onProgress && setInterval(() => onProgress(latencies.length), 250);
   const watchdog = setInterval(() => {
     const now = performance.now();
     progress.forEach((last, c) => {
@@ -128,6 +132,7 @@ export async function runLoad(options: LoadOptions = {}): Promise<LoadResult> {
     }
   }));
   clearInterval(watchdog);
+  clearInterval(ticker);
   const seconds = (performance.now() - start) / 1000;
   latencies.sort((a, b) => a - b);
   const at = (q: number) =>
@@ -157,7 +162,7 @@ function streamByte(c: number, offset: number): number {
 }
 
 const USAGE =
-  `usage: deno task client --duration S [--host H] [--port N | --unix PATH] [--count N] [--size N] [--timeout MS]`;
+  `usage: deno task client --duration S [--host H] [--port N | --unix PATH] [--count N] [--size N] [--timeout MS] [--json]`;
 
 const HELP = `Load mode: each connection sends a message, waits for its whole echo, checks
 every byte against its own byte stream, and goes again, for S seconds; then
@@ -172,6 +177,7 @@ ${USAGE}
   --count N        concurrent connections (default ${DEFAULTS.count})
   --size N         bytes per message, up to 1048576 (default ${DEFAULTS.size})
   --timeout MS     milliseconds a round trip may take (default ${DEFAULTS.timeout})
+  --json           print the figures as one JSON document
   --help           show this help
 
 Exit status: 0 if every round trip was exact, 1 if not, 2 on bad usage.`;
@@ -184,10 +190,12 @@ const FLAGS = {
   count: { type: "integer", min: 1, max: 100_000 },
   size: { type: "integer", min: 1, max: 1 << 20 }, // written whole before reading: within socket buffers
   timeout: { type: "integer", min: 1 },
+  json: { type: "boolean" },
 } as const;
 
-function optionsFrom(flags: Flags<typeof FLAGS>): LoadOptions {
+function optionsFrom(flags: Flags<typeof FLAGS>): LoadOptions & { json?: boolean } {
   return {
+    json: flags.json,
     hostname: flags.host,
     port: flags.port,
     unixPath: flags.unix,
@@ -212,12 +220,19 @@ export async function main(args: string[]): Promise<number> {
     optionsFrom,
   );
   if ("exit" in parsed) return parsed.exit;
-  const options = withDefaults(parsed.options, DEFAULTS);
+  const { json, ...given } = parsed.options;
+  const options = withDefaults(given, DEFAULTS);
   const { count, size, duration } = options;
-  const result = await runLoad(options);
+  const progress = progressLine(duration);
+  const result = await runLoad({ ...options, onProgress: progress?.show });
+  progress?.clear();
   if (result.failed === count && /ConnectionRefused/.test(result.firstError ?? "")) {
     console.error(refusedMessage(options.hostname, options.port));
     return 1;
+  }
+  if (json) {
+    console.log(JSON.stringify({ connections: count, size, duration, ...result }, null, 2));
+    return result.failed ? 1 : 0;
   }
   const ms = (x: number) => x.toFixed(2);
   console.log(
@@ -234,6 +249,24 @@ export async function main(args: string[]): Promise<number> {
     console.error(`${result.failed} connections failed; first: ${result.firstError}`);
   }
   return result.failed ? 1 : 0;
+}
+
+/**
+ * On a terminal, a live line on stderr (elapsed time, round trips so far) that
+ * disappears at the end; nothing when stderr is not a terminal or NO_COLOR is set.
+ */
+function progressLine(duration: number) {
+  if (!Deno.stderr.isTerminal() || Deno.noColor) return undefined;
+  const start = performance.now();
+  const encoder = new TextEncoder();
+  const write = (text: string) => Deno.stderr.writeSync(encoder.encode(text));
+  return {
+    show(roundTrips: number) {
+      const elapsed = Math.min(duration, (performance.now() - start) / 1000);
+      write(`\r\x1b[K${elapsed.toFixed(1)} of ${duration} s, ${roundTrips} round trips`);
+    },
+    clear: () => write("\r\x1b[K"),
+  };
 }
 
 if (import.meta.main) Deno.exit(await main(Deno.args));

@@ -370,17 +370,19 @@ export interface RunOptions {
   shell?: string;
   /** For main.ts: the server's style, passed as `--style`. */
   style?: Style;
+  /** Environment variables to add. */
+  env?: Record<string, string>;
 }
 
 /** The command for one of the project's scripts, as its task runs it. */
 function denoRun(script: string, args: string[], options: RunOptions = {}): Deno.CommandOptions {
-  const { permissions = ["--allow-net=127.0.0.1"], shell, style } = options;
+  const { permissions = ["--allow-net=127.0.0.1"], shell, style, env } = options;
   const styled = style ? [...args, "--style", style] : args;
   const deno = ["run", ...permissions, new URL(script, root).pathname, ...styled];
   return {
     ...(shell ? { args: ["-c", `${shell} && exec deno "$@"`, "sh", ...deno] } : { args: deno }),
     cwd: root.pathname,
-    env: { NO_COLOR: "1" },
+    env: { NO_COLOR: "1", ...env },
     stdin: "null",
   };
 }
@@ -443,7 +445,7 @@ export class ServerProcess implements AsyncDisposable {
   static async start(args: string[], options: RunOptions = {}): Promise<ServerProcess> {
     const server = new ServerProcess(args, options);
     try {
-      await server.waitFor(/^listening on /m);
+      await server.waitFor(/listening on /); // a line of text, or a JSON object
     } catch (error) {
       await server[Symbol.asyncDispose]();
       throw error;
@@ -478,7 +480,7 @@ export class ServerProcess implements AsyncDisposable {
 
   /** The port from its listening line. */
   get port(): number {
-    return Number(this.#stdout.match(/^listening on .*:(\d+)/m)?.[1]);
+    return Number(this.#stdout.match(/listening on [^"\n]*:(\d+)/)?.[1]);
   }
 
   /** Where it listens, from its listening line. */

@@ -22,8 +22,8 @@ const PERMISSIONS = [
   `--allow-read=${sockets}`,
   `--allow-write=${sockets}`,
   // The tests start main.ts and client.ts as a user would; sh, to start one
-  // under a small `ulimit -n`.
-  "--allow-run=deno,sh",
+  // under a small `ulimit -n`; script, to give one a terminal.
+  "--allow-run=deno,sh,script",
   // Replays the random-chunking test: ECHO_SEED=123 deno task test.
   "--allow-env=ECHO_SEED",
   // Deno.listenDatagram (UDP) is still unstable in Deno 2.

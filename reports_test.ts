@@ -1,0 +1,149 @@
+// What the scripts report: JSON for scripts, a live line for people, a summary
+// and JSON log lines for operators, OpenTelemetry counters for collectors.
+import { assert, assertEquals, assertMatch } from "@std/assert";
+import {
+  deadline,
+  runScript,
+  serveForTest,
+  ServerProcess,
+  testEachStyle,
+  waitUntil,
+} from "./testing/helpers.ts";
+
+Deno.test("client.ts --json prints one JSON document: each connection, and a summary", async () => {
+  await using server = serveForTest();
+  const args = ["--port", `${server.port}`, "--count", "5", "--json"];
+  const { code, stdout, stderr } = await runScript("client.ts", args);
+  assertEquals([code, stderr], [0, ""]);
+  const report = JSON.parse(stdout); // nothing else on stdout
+  assertEquals(report.server, { host: "127.0.0.1", port: server.port, protocol: "tcp" });
+  const { summary, results } = report;
+  assertEquals([summary.count, summary.ok, summary.failed, summary.bytes], [5, 5, 0, 25]);
+  for (const name of ["total", "min", "p50", "p99", "max"]) {
+    assert(typeof summary.ms[name] === "number", `summary.ms.${name}`);
+  }
+  assert(summary.ms.min <= summary.ms.p50 && summary.ms.p50 <= summary.ms.max);
+  assertEquals(results.length, 5);
+  assertEquals(results.map((result: { ok: boolean }) => result.ok), Array(5).fill(true));
+  // No server: the JSON still comes, with the reason, and the one line on stderr.
+  const refused = await runScript("client.ts", ["--port", "1", "--count", "2", "--json"]);
+  assertEquals(refused.code, 1);
+  assertMatch(refused.stderr, /^client\.ts: connection refused by 127\.0\.0\.1:1: /);
+  const failed = JSON.parse(refused.stdout).summary;
+  assertEquals([failed.ok, failed.failed], [0, 2]);
+  assertMatch(failed.error, /connection refused/);
+});
+
+Deno.test("load mode --json prints its figures as one JSON document", async () => {
+  await using server = serveForTest();
+  const args = ["--port", `${server.port}`, "--duration", "0.5", "--count", "4", "--json"];
+  const { code, stdout, stderr } = await runScript("client.ts", args);
+  assertEquals([code, stderr], [0, ""]);
+  const figures = JSON.parse(stdout);
+  assertEquals([figures.connections, figures.size, figures.duration, figures.failed], [
+    4,
+    5,
+    0.5,
+    0,
+  ]);
+  assert(figures.roundTrips > 0 && figures.perSecond > 0 && figures.jain > 0.9, stdout);
+});
+
+/** Runs a command under a pseudo-terminal (util-linux `script`), as a user at a terminal would. */
+async function onTerminal(command: string, env: Record<string, string> = {}): Promise<string> {
+  const { stdout } = await deadline(
+    new Deno.Command("script", { args: ["-qc", command, "/dev/null"], env }).output(),
+    `script -qc ${command}`,
+  );
+  return new TextDecoder().decode(stdout);
+}
+
+Deno.test("load mode shows a live progress line on a terminal that disappears at the end, and none otherwise", async () => {
+  await using server = serveForTest();
+  const load = `deno run --allow-net=127.0.0.1 client.ts --port ${server.port} --duration 1`;
+  const piped = await runScript("client.ts", ["--port", `${server.port}`, "--duration", "0.5"]);
+  assertEquals([piped.code, piped.stderr], [0, ""]); // not a terminal: no progress line
+  const erase = "\r\x1b[K"; // back to the start of the line, and clear it
+  const shown = (await onTerminal(load)).replaceAll(erase, "|");
+  assertMatch(shown, /\|0\.\d of 1 s, \d+ round trips/);
+  assertMatch(shown, /round trips\|20 connections, 5-byte messages/, "not cleared at the end");
+  const noColor = await onTerminal(load, { NO_COLOR: "1" });
+  assertEquals(noColor.includes("\x1b[K"), false, "a progress line with NO_COLOR set");
+});
+
+testEachStyle("the server prints one summary line at shutdown", async (style) => {
+  await using server = await ServerProcess.start(["--port", "0"], { style });
+  const client = await runScript("client.ts", ["--port", `${server.port}`, "--count", "3"]);
+  assertEquals(client.code, 0);
+  await waitUntil(() => server.count(/ closed, 5 bytes echoed$/) === 3, "3 clean closes");
+  const { code, stdout } = await server.stop("SIGTERM");
+  assertEquals(code, 0);
+  const last = stdout.trimEnd().split("\n").at(-1);
+  assertMatch(
+    last!,
+    /^served 3 connections \(at most [1-3] at once\) in \d+\.\d s: 15 bytes echoed; 0 connections ended in an error$/,
+  );
+});
+
+Deno.test("--log-format json writes one JSON object per log line, with a timestamp", async () => {
+  await using server = await ServerProcess.start(["--port", "0", "--log-format", "json"]);
+  const client = await runScript("client.ts", ["--port", `${server.port}`, "--count", "2"]);
+  assertEquals(client.code, 0);
+  await waitUntil(() => server.count(/closed, 5 bytes echoed/) === 2, "2 clean closes");
+  const { code, stdout } = await server.stop("SIGTERM");
+  assertEquals(code, 0);
+  const lines = stdout.trimEnd().split("\n").map((line) => JSON.parse(line));
+  assertEquals(lines.length, 2 + 2 + 2 + 1); // listening, 2 connected, 2 closed, shutting down, summary
+  for (const line of lines) {
+    assertEquals(Object.keys(line), ["time", "level", "message"]);
+    assert(!Number.isNaN(Date.parse(line.time)), line.time);
+    assertEquals(line.level, "info");
+  }
+  assertMatch(lines[0].message, /^listening on 127\.0\.0\.1:\d+$/);
+  const bad = await runScript("main.ts", ["--log-format", "xml"]);
+  assertEquals(bad.code, 2);
+  assertMatch(bad.stderr, /^main\.ts: --log-format must be text or json, got "xml"\n/);
+});
+
+Deno.test("with OTEL_DENO=true the server exports its counters to a collector; without, it runs as before", async () => {
+  // A collector on loopback that keeps what Deno sends it (OTLP over HTTP, protobuf).
+  const received: Uint8Array[] = [];
+  const collector = Deno.serve(
+    { hostname: "127.0.0.1", port: 0, onListen() {} },
+    async (request) => {
+      received.push(new Uint8Array(await request.arrayBuffer()));
+      return new Response(null, { status: 200 });
+    },
+  );
+  try {
+    const env = {
+      OTEL_DENO: "true",
+      OTEL_EXPORTER_OTLP_ENDPOINT: `http://127.0.0.1:${collector.addr.port}`,
+      OTEL_METRIC_EXPORT_INTERVAL: "200",
+    };
+    await using server = await ServerProcess.start(["--port", "0"], { env });
+    const client = await runScript("client.ts", ["--port", `${server.port}`, "--count", "3"]);
+    assertEquals(client.code, 0);
+    const exported = () => new TextDecoder().decode(concat(received));
+    await waitUntil(
+      () =>
+        ["echo.connections.accepted", "echo.connections.open", "echo.bytes"].every((name) =>
+          exported().includes(name)
+        ),
+      "the counters at the collector",
+    );
+    assertEquals((await server.stop("SIGTERM")).code, 0);
+  } finally {
+    await collector.shutdown();
+  }
+});
+
+function concat(chunks: Uint8Array[]): Uint8Array {
+  const all = new Uint8Array(chunks.reduce((sum, chunk) => sum + chunk.length, 0));
+  let at = 0;
+  for (const chunk of chunks) {
+    all.set(chunk, at);
+    at += chunk.length;
+  }
+  return all;
+}
