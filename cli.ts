@@ -104,29 +104,27 @@ function toNumber(name: string, text: string, spec: FlagSpec): number {
 export interface CommandText {
   /** The script's name, to start error lines with, e.g. `main.ts`. */
   name: string;
-  /** The one-line usage, printed after an error. */
-  usage: string;
   /** The full help, printed for `--help`. */
   help: string;
 }
 
 /**
  * A script's command line, start to finish: `--help` prints the help; a mistake
- * prints one line saying what is wrong, then the usage, on stderr.
+ * prints one line on stderr saying what is wrong and where the flags are listed.
  *
  * @example Usage
  * ```ts
  * import { parseCommandLine } from "./cli.ts";
  * import { assertEquals } from "@std/assert";
  *
- * const text = { name: "x.ts", usage: "usage: x.ts [--n N]", help: "..." };
+ * const text = { name: "x.ts", help: "usage: x.ts [--n N]" };
  * const parsed = parseCommandLine(["--n", "3"], { n: { type: "integer" } }, text, (f) => f.n);
  * assertEquals(parsed, { options: 3 });
  * ```
  *
  * @param args The arguments, e.g. `Deno.args`.
  * @param specs The flags allowed, by name (`--help` is added).
- * @param text The script's name, usage line and help.
+ * @param text The script's name and help.
  * @param toOptions Turns the flags into options; may throw a UsageError.
  * @returns The options, or the exit code to leave with: 0 after the help, 2 after a mistake.
  */
@@ -145,7 +143,7 @@ export function parseCommandLine<const Specs extends FlagSpecs, T>(
     return { options: toOptions(flags as Flags<Specs>) };
   } catch (error) {
     if (!(error instanceof UsageError)) throw error;
-    console.error(`${text.name}: ${error.message}\n${text.usage}`);
+    console.error(`${text.name}: ${error.message} (--help lists the flags)`);
     return { exit: 2 };
   }
 }

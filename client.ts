@@ -303,7 +303,7 @@ export async function main(args: string[]): Promise<number> {
   const parsed = parseCommandLine(
     args,
     FLAGS,
-    { name: "client.ts", usage: USAGE, help: HELP },
+    { name: "client.ts", help: HELP },
     (flags) => ({ options: optionsFrom(flags), json: flags.json ?? false }),
   );
   if ("exit" in parsed) return parsed.exit;
@@ -370,7 +370,7 @@ function report(
 ) {
   const { hostname, port, unixPath, udp } = options;
   const times = results.map((result) => result.ms).toSorted((a, b) => a - b);
-  const at = (q: number) => round(times[Math.min(times.length - 1, Math.floor(q * times.length))]);
+  const at = (q: number) => round(times[Math.max(0, Math.ceil(q * times.length) - 1)]); // nearest rank
   const ok = results.filter((result) => result.ok).length;
   return {
     server: unixPath ? { unix: unixPath } : { host: hostname, port, protocol: udp ? "udp" : "tcp" },

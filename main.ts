@@ -841,7 +841,7 @@ export async function main(args: string[]): Promise<number> {
   const parsed = parseCommandLine(
     args,
     FLAGS,
-    { name: "main.ts", usage: USAGE, help: HELP },
+    { name: "main.ts", help: HELP },
     optionsFrom,
   );
   if ("exit" in parsed) return parsed.exit;
@@ -897,10 +897,16 @@ export async function main(args: string[]): Promise<number> {
 function summary(stats: ServerStats, udp: boolean): string {
   const seconds = ((performance.now() - stats.started) / 1000).toFixed(1);
   const datagrams = udp
-    ? `, ${stats.datagrams} datagrams echoed and ${stats.dropped} not answered`
+    ? `, ${count(stats.datagrams, "datagram")} echoed and ${stats.dropped} not answered`
     : "";
-  return `served ${stats.accepted} connections (at most ${stats.peak} at once) in ${seconds} s: ` +
-    `${stats.bytes} bytes echoed${datagrams}; ${stats.failed} connections ended in an error`;
+  return `served ${count(stats.accepted, "connection")} (at most ${stats.peak} at once) in ` +
+    `${seconds} s: ${count(stats.bytes, "byte")} echoed${datagrams}; ` +
+    `${count(stats.failed, "connection")} ended in an error`;
+}
+
+/** "1 connection", "2 connections". */
+function count(n: number, noun: string): string {
+  return `${n} ${noun}${n === 1 ? "" : "s"}`;
 }
 
 if (import.meta.main) Deno.exit(await main(Deno.args));

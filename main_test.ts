@@ -148,7 +148,7 @@ Deno.test("a port in use is one line saying what to do, exit 1, no stack trace",
   );
 });
 
-Deno.test("bad flags and values print the problem and usage, exit 2", async () => {
+Deno.test("bad flags and values print one line saying what is wrong, exit 2", async () => {
   const cases: [string[], string][] = [
     [["--port", "abc"], `--port must be a whole number from 0 to 65535, got "abc"`],
     [["--port", "70000"], `--port must be a whole number from 0 to 65535, got "70000"`],
@@ -170,10 +170,11 @@ Deno.test("bad flags and values print the problem and usage, exit 2", async () =
   ];
   await Promise.all(cases.map(async ([args, message]) => {
     const { code, stdout, stderr } = await runScript("main.ts", args);
-    const [first, usage, ...rest] = stderr.split("\n");
-    assertEquals([code, stdout, first], [2, "", `main.ts: ${message}`], args.join(" "));
-    assertMatch(usage, /^usage: deno run .*main\.ts/);
-    assertEquals(rest, [""]);
+    assertEquals(
+      [code, stdout, stderr],
+      [2, "", `main.ts: ${message} (--help lists the flags)\n`],
+      args.join(" "),
+    );
   }));
 });
 
@@ -218,10 +219,11 @@ Deno.test("the client says when no server is running, exit 1; bad client flags e
     ]
   ) {
     const bad = await runScript("client.ts", args as string[]);
-    assertEquals([bad.code, bad.stdout], [2, ""], String(args));
-    const [first, usage, ...rest] = bad.stderr.split("\n");
-    assertEquals([first, rest], [`client.ts: ${message}`, [""]]);
-    assertMatch(usage, /^usage: deno run .*client\.ts/);
+    assertEquals(
+      [bad.code, bad.stdout, bad.stderr],
+      [2, "", `client.ts: ${message} (--help lists the flags)\n`],
+      String(args),
+    );
   }
   const help = await runScript("client.ts", ["-h"]);
   assertEquals(help.code, 0);

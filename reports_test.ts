@@ -3,6 +3,7 @@
 import { assert, assertEquals, assertMatch } from "@std/assert";
 import {
   deadline,
+  resetStorm,
   runScript,
   serveForTest,
   ServerProcess,
@@ -40,13 +41,20 @@ Deno.test("load mode --json prints its figures as one JSON document", async () =
   const { code, stdout, stderr } = await runScript("client.ts", args);
   assertEquals([code, stderr], [0, ""]);
   const figures = JSON.parse(stdout);
-  assertEquals([figures.connections, figures.size, figures.duration, figures.failed], [
-    4,
-    5,
-    0.5,
-    0,
-  ]);
-  assert(figures.roundTrips > 0 && figures.perSecond > 0 && figures.jain > 0.9, stdout);
+  assertEquals(figures.server, { host: "127.0.0.1", port: server.port, protocol: "tcp" });
+  assertEquals(figures.load, { connections: 4, size: 5, seconds: 0.5 });
+  const { summary } = figures;
+  assertEquals(summary.failed, 0);
+  assert(summary.roundTrips > 0 && summary.perSecond > 0 && summary.jain > 0.9, stdout);
+  assert(0 < summary.ms.p50 && summary.ms.p50 <= summary.ms.p99, stdout);
+  assert(summary.ms.p99 <= summary.ms.p999, stdout);
+  // No server: the JSON still comes, with the reason, and the one line on stderr.
+  const refused = await runScript("client.ts", ["--port", "1", "--duration", "0.5", "--json"]);
+  assertEquals(refused.code, 1);
+  assertMatch(refused.stderr, /^client\.ts: connection refused by 127\.0\.0\.1:1: /);
+  const failed = JSON.parse(refused.stdout).summary;
+  assertEquals([failed.roundTrips, failed.failed], [0, 20]);
+  assertMatch(failed.error, /ConnectionRefused/);
 });
 
 /** Runs a command under a pseudo-terminal (util-linux `script`), as a user at a terminal would. */
@@ -76,12 +84,14 @@ testEachStyle("the server prints one summary line at shutdown", async (style) =>
   const client = await runScript("client.ts", ["--port", `${server.port}`, "--count", "3"]);
   assertEquals(client.code, 0);
   await waitUntil(() => server.count(/ closed, 5 bytes echoed$/) === 3, "3 clean closes");
+  await resetStorm(server.port, 1, 1_000_000); // and one peer that vanishes mid-transfer
+  await waitUntil(() => server.count(/ closed after \d+ bytes: /) === 1, "the reset");
   const { code, stdout } = await server.stop("SIGTERM");
   assertEquals(code, 0);
   const last = stdout.trimEnd().split("\n").at(-1);
   assertMatch(
     last!,
-    /^served 3 connections \(at most [1-3] at once\) in \d+\.\d s: 15 bytes echoed; 0 connections ended in an error$/,
+    /^served 4 connections \(at most [1-3] at once\) in \d+\.\d s: \d+ bytes echoed; 1 connection ended in an error$/,
   );
 });
 
@@ -102,7 +112,10 @@ Deno.test("--log-format json writes one JSON object per log line, with a timesta
   assertMatch(lines[0].message, /^listening on 127\.0\.0\.1:\d+$/);
   const bad = await runScript("main.ts", ["--log-format", "xml"]);
   assertEquals(bad.code, 2);
-  assertMatch(bad.stderr, /^main\.ts: --log-format must be text or json, got "xml"\n/);
+  assertEquals(
+    bad.stderr,
+    `main.ts: --log-format must be text or json, got "xml" (--help lists the flags)\n`,
+  );
 });
 
 Deno.test("with OTEL_DENO=true the server exports its counters to a collector; without, it runs as before", async () => {

@@ -3,7 +3,8 @@
  * server (bench/baseline_echo.ts), driven by bench/load.ts in the same run,
  * scenario by scenario, so that a noisy moment hits both. Prints a table of
  * round trips per second, latency percentiles, fairness, the ratio to the
- * baseline, and the memory each idle connection costs each server.
+ * baseline, and the memory each idle connection costs each server; and draws
+ * round trips per second and p99 latency as bench/chart.svg.
  *
  * Usage: deno task bench [--duration S] [--runs N]
  *
@@ -13,6 +14,7 @@
 import { type LoadResult, runLoad } from "./load.ts";
 import { parseCommandLine } from "../cli.ts";
 import { processUsage } from "../testing/helpers.ts";
+import { chart, type Row } from "./chart.ts";
 
 /** A load to measure: `count` connections sending `size`-byte messages. */
 interface Scenario {
@@ -29,6 +31,8 @@ const SCENARIOS: Scenario[] = [
   { name: "rr 256 KiB x4", count: 4, size: 256 * 1024 },
 ];
 const IDLE_CONNECTIONS = 1000;
+/** Where the chart goes; README.md embeds it. */
+const CHART = new URL("chart.svg", import.meta.url).pathname;
 
 const root = new URL("../", import.meta.url).pathname;
 
@@ -101,9 +105,8 @@ async function main(args: string[]): Promise<number> {
     runs: { type: "integer", min: 1, max: 20 },
   }, {
     name: "bench.ts",
-    usage: "usage: deno task bench [--duration S] [--runs N]",
     help:
-      "Compares main.ts, in both styles, with the idiomatic baseline.\n\n  --duration S   seconds per scenario and server (default 3)\n  --runs N       runs per scenario, medians reported (default 1)",
+      "usage: deno task bench [--duration S] [--runs N]\n\nCompares main.ts, in both styles, with the idiomatic baseline.\n\n  --duration S   seconds per scenario and server (default 3)\n  --runs N       runs per scenario, medians reported (default 1)",
   }, (flags) => ({
     duration: flags.duration ?? 3,
     runs: flags.runs ?? 1,
@@ -132,6 +135,7 @@ async function main(args: string[]): Promise<number> {
     ]));
     console.log(row(Array(2 * names.length + 2).fill("---")));
     let failed = 0;
+    const rows: Row[] = [];
     for (const scenario of SCENARIOS) {
       const results: LoadResult[][] = servers.map(() => []);
       for (let run = 0; run < runs; run++) {
@@ -155,6 +159,7 @@ async function main(args: string[]): Promise<number> {
         }
       }
       const base = medians[0].perSecond;
+      rows.push({ scenario: scenario.name, bars: medians });
       console.log(row([
         scenario.name,
         ...medians.map((result, i) =>
@@ -169,6 +174,12 @@ async function main(args: string[]): Promise<number> {
         servers.map((server, i) => `${server.name} ${idle[i].toFixed(1)} KiB`).join(", ")
       }`,
     );
+    const title =
+      `deno task bench: Deno ${Deno.version.deno}, ${navigator.hardwareConcurrency} cpus, ` +
+      `${duration} s per scenario, median of ${runs}`;
+    const legend = ["idiomatic Deno", "main.ts (callbacks)", "main.ts (async)"];
+    await Deno.writeTextFile(CHART, chart(legend, rows, title));
+    console.log(`Chart: ${CHART}`);
     return failed ? 1 : 0;
   } finally {
     for (const server of servers) await server.stop();

@@ -216,7 +216,7 @@ export async function main(args: string[]): Promise<number> {
   const parsed = parseCommandLine(
     args,
     FLAGS,
-    { name: "client.ts --duration", usage: USAGE, help: HELP },
+    { name: "client.ts --duration", help: HELP },
     optionsFrom,
   );
   if ("exit" in parsed) return parsed.exit;
@@ -226,14 +226,13 @@ export async function main(args: string[]): Promise<number> {
   const progress = progressLine(duration);
   const result = await runLoad({ ...options, onProgress: progress?.show });
   progress?.clear();
-  if (result.failed === count && /ConnectionRefused/.test(result.firstError ?? "")) {
-    console.error(refusedMessage(options.hostname, options.port));
-    return 1;
-  }
+  const refused = result.failed === count && /ConnectionRefused/.test(result.firstError ?? "");
+  if (refused) console.error(refusedMessage(options.hostname, options.port));
   if (json) {
-    console.log(JSON.stringify({ connections: count, size, duration, ...result }, null, 2));
+    console.log(JSON.stringify(report(options, result), null, 2));
     return result.failed ? 1 : 0;
   }
+  if (refused) return 1;
   const ms = (x: number) => x.toFixed(2);
   console.log(
     `${count} connections, ${size}-byte messages, ${duration} s: ${result.roundTrips} round trips verified, ${
@@ -249,6 +248,25 @@ export async function main(args: string[]): Promise<number> {
     console.error(`${result.failed} connections failed; first: ${result.firstError}`);
   }
   return result.failed ? 1 : 0;
+}
+
+/** The figures for `--json`: where, what load, and what it measured (`jq .summary`). */
+function report(options: Required<Omit<LoadOptions, "onProgress">>, result: LoadResult) {
+  const { hostname, port, unixPath, count, size, duration } = options;
+  const { roundTrips, perSecond, p50, p99, p999, jain, failed, firstError } = result;
+  const round = (x: number, digits: number) => Number(x.toFixed(digits));
+  return {
+    server: unixPath ? { unix: unixPath } : { host: hostname, port, protocol: "tcp" },
+    load: { connections: count, size, seconds: duration },
+    summary: {
+      roundTrips,
+      perSecond: Math.round(perSecond),
+      failed,
+      ms: { p50: round(p50, 3), p99: round(p99, 3), p999: round(p999, 3) },
+      jain: round(jain, 4),
+      ...(firstError ? { error: firstError } : {}),
+    },
+  };
 }
 
 /**

@@ -21,9 +21,8 @@ async function main(args: string[]): Promise<number> {
     { "round-trips": { type: "integer", min: 10_000 } },
     {
       name: "soak.ts",
-      usage: "usage: deno task soak [--round-trips N]",
       help:
-        "A million round trips through main.ts, printing its memory.\n\n  --round-trips N   how many (default 1000000)",
+        "usage: deno task soak [--round-trips N]\n\nA million round trips through main.ts, printing its memory.\n\n  --round-trips N   how many (default 1000000)",
     },
     (flags) => flags["round-trips"] ?? 1_000_000,
   );

@@ -111,9 +111,8 @@ async function main(args: string[]): Promise<number> {
     runs: { type: "integer", min: 1, max: 20 },
   }, {
     name: "transports.ts",
-    usage: "usage: deno task bench:transports [--duration S] [--runs N]",
     help:
-      "UDP against a minimal Deno UDP echo loop, Unix sockets against TCP.\n\n  --duration S   seconds per run and server (default 3)\n  --runs N       runs, medians reported (default 3)",
+      "usage: deno task bench:transports [--duration S] [--runs N]\n\nUDP against a minimal Deno UDP echo loop, Unix sockets against TCP.\n\n  --duration S   seconds per run and server (default 3)\n  --runs N       runs, medians reported (default 3)",
   }, (flags) => ({ duration: flags.duration ?? 3, runs: flags.runs ?? 3 }));
   if ("exit" in parsed) return parsed.exit;
   const { duration, runs } = parsed.options;

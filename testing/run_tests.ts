@@ -19,7 +19,8 @@ const PERMISSIONS = [
   `--allow-net=127.0.0.1,127.0.0.2,0.0.0.0,[::1],${
     socketNames.map((name) => `unix:${sockets}${name}`).join(",")
   }`,
-  `--allow-read=${sockets}`,
+  // README.md: package_test.ts runs the import example it shows.
+  `--allow-read=${sockets},${new URL("../README.md", here).pathname}`,
   `--allow-write=${sockets}`,
   // The tests start main.ts and client.ts as a user would; sh, to start one
   // under a small `ulimit -n`; script, to give one a terminal.
