@@ -248,7 +248,8 @@ async function datagramOnce(
     socket.close();
   }
   const tries = retries + 1;
-  const why = lastError || `no reply from ${hostname}:${port} after ${tries} tries`;
+  const why = lastError ||
+    `no reply from ${hostname}:${port} after ${tries} ${tries === 1 ? "try" : "tries"}`;
   return { ok: false, bytes: 0, ms: performance.now() - start, error: why, refused: !lastError };
 }
 

@@ -319,3 +319,150 @@ Deno.test("a datagram the kernel refuses is dropped, and the socket goes on", as
   selector.close();
   peer.close();
 });
+
+Deno.test("a key's methods that do not fit its resource throw a TypeError naming the right key", async () => {
+  const [ours, peer] = await connectedPair();
+  using listener = Deno.listen({ hostname: "127.0.0.1", port: 0 });
+  const selector = new Selector();
+  const listening = selector.register(listener, READ, noop);
+  const conn = selector.register(ours, READ, noop);
+  const udp = { transport: "udp", hostname: "127.0.0.1", port: 9 } as const;
+  assertEquals(listening.queued, 0);
+  assertThrows(() => listening.recv(), TypeError, "recv() needs a connection's key");
+  assertThrows(() => listening.send(text("x")), TypeError, "send() needs a connection's key");
+  assertThrows(() => listening.retain(), TypeError, "retain() needs a connection's key");
+  assertThrows(() => listening.release(), TypeError, "release() needs a connection's key");
+  assertThrows(() => conn.accept(), TypeError, "accept() needs a listener's key");
+  assertThrows(() => conn.recvfrom(), TypeError, "recvfrom() needs a datagram socket's key");
+  assertThrows(() => conn.sendto(text("x"), udp), TypeError, "sendto() needs a datagram");
+  selector.close();
+  peer.close();
+});
+
+Deno.test("send() and sendto() after unregister() throw BadResource; an empty send() queues nothing", async () => {
+  const [ours, peer] = await connectedPair();
+  const socket = udpSocket();
+  const selector = new Selector();
+  const conn = selector.register(ours, WRITE, noop);
+  conn.send(new Uint8Array(0));
+  assertEquals(conn.queued, 0);
+  assertEquals(await nextEvent(selector, conn), WRITE);
+  const datagrams = selector.register(socket, READ, noop);
+  assertThrows(() => datagrams.recvfrom(), Deno.errors.WouldBlock, "before the key was ready");
+  selector.unregister(ours);
+  selector.unregister(socket);
+  assertThrows(() => conn.send(text("late")), Deno.errors.BadResource, "unregistered key");
+  assertThrows(() => datagrams.sendto(text("late"), peer.localAddr), Deno.errors.BadResource);
+  selector.close();
+  ours.close();
+  socket.close();
+  peer.close();
+});
+
+Deno.test("a key unregistered by an earlier callback of the same turn is not called", async () => {
+  const [a, peerA] = await connectedPair();
+  const [b, peerB] = await connectedPair();
+  const selector = new Selector();
+  const called: SelectorKey[] = [];
+  // Both are WRITE-ready at once: whichever runs first unregisters both.
+  const callback = (key: SelectorKey) => {
+    called.push(key);
+    selector.close(); // unregisters every key, and ends run()
+  };
+  selector.register(a, WRITE, callback);
+  selector.register(b, WRITE, callback);
+  await deadline(selector.run(), "run() to end");
+  assertEquals(called.length, 1, `called: ${called}`);
+  // And select() does not report a key unregistered while it was on the ready list.
+  const [c, peerC] = await connectedPair();
+  const other = new Selector();
+  other.register(c, WRITE, noop); // ready at once
+  other.unregister(c);
+  assertEquals(await other.select(0), []);
+  c.close();
+  for (const peer of [peerA, peerB, peerC]) peer.close();
+});
+
+Deno.test("a connection accepted after its listener's unregister() is closed, not leaked", async () => {
+  using listener = Deno.listen({ hostname: "127.0.0.1", port: 0 });
+  const selector = new Selector();
+  selector.register(listener, READ, noop); // an accept is now in flight
+  selector.unregister(listener);
+  const peer = await connect(listener.addr.port);
+  assertEquals(await readAll(peer), new Uint8Array(0), "EOF from the connection nobody took");
+  peer.close();
+  selector.close();
+});
+
+Deno.test("a listener or a datagram socket closed under its key: the error once, never retried", async () => {
+  const listener = Deno.listen({ hostname: "127.0.0.1", port: 0 });
+  const socket = udpSocket();
+  const selector = new Selector();
+  const listening = selector.register(listener, READ, noop);
+  const datagrams = selector.register(socket, READ | WRITE, noop);
+  assertEquals(await nextEvent(selector, datagrams), WRITE); // nothing queued
+  listener.close(); // by its owner, behind the selector's back
+  socket.close();
+  assertEquals(await nextEvent(selector, listening), READ);
+  assertThrows(() => listening.accept(), Deno.errors.BadResource);
+  assertThrows(() => listening.accept(), Deno.errors.BadResource); // again: not retried
+  assertEquals(await nextEvent(selector, datagrams), READ | WRITE);
+  const error = datagrams.error;
+  assert(error instanceof Deno.errors.BadResource || error instanceof Deno.errors.Interrupted);
+  assertThrows(() => datagrams.recvfrom());
+  assertThrows(() => datagrams.sendto(text("x"), socket.addr));
+  selector.close();
+});
+
+/** A stand-in datagram socket whose receives and sends do what a test says. */
+function scriptedSocket(
+  receive: () => Promise<[Uint8Array, Deno.Addr]> = () => new Promise(noop), // nothing arrives
+  send: () => Promise<number> = () => Promise.resolve(0),
+): Deno.DatagramConn {
+  const addr = { transport: "udp", hostname: "127.0.0.1", port: 9 };
+  return { addr, receive, send, close: noop } as unknown as Deno.DatagramConn;
+}
+
+Deno.test("a passing receive error is reported, and the next receive waits a pause: no spin", async () => {
+  const from = { transport: "udp", hostname: "127.0.0.1", port: 5 } as const;
+  let receives = 0;
+  const socket = scriptedSocket(() =>
+    ++receives <= 3
+      ? Promise.reject(new Error("No route to host")) // an ICMP error, say
+      : Promise.resolve([text("after"), from])
+  );
+  const selector = new Selector();
+  const seen: string[] = [];
+  selector.register(socket, READ, (key) => {
+    try {
+      seen.push(new TextDecoder().decode(key.recvfrom()[0]));
+      selector.close();
+    } catch (error) {
+      seen.push((error as Error).message);
+    }
+  });
+  const start = performance.now();
+  await deadline(selector.run(), "the datagram after the errors");
+  const took = performance.now() - start;
+  assertEquals(seen, [...Array(3).fill("No route to host"), "after"]);
+  // Timers never fire early, so this lower bound cannot flake: three pauses of 10 ms.
+  assert(took >= 29, `three errors and a datagram in ${took.toFixed(1)} ms: no pause`);
+});
+
+Deno.test("a socket gone while sending: its queue is dropped, the error reported, sendto() refused", async () => {
+  const to = { transport: "udp", hostname: "127.0.0.1", port: 5 } as const;
+  const socket = scriptedSocket(
+    undefined,
+    () => Promise.reject(new Deno.errors.BadResource("closed")),
+  );
+  const selector = new Selector();
+  const key = selector.register(socket, WRITE, noop);
+  key.sendto(text("one"), to);
+  key.sendto(text("two"), to);
+  assertEquals(key.queued, 6);
+  assertEquals(await nextEvent(selector, key), WRITE);
+  assertEquals(key.queued, 0);
+  assert(key.error instanceof Deno.errors.BadResource);
+  assertThrows(() => key.sendto(text("three"), to), Deno.errors.BadResource);
+  selector.close();
+});

@@ -786,6 +786,7 @@ function listenError(error: unknown, options: Required<Omit<ServeOptions, "trace
     return `cannot listen on ${host}: it is not an address of this machine (check --host)`;
   }
   if (error instanceof Deno.errors.PermissionDenied) {
+    // Only for a user without the privilege: the tests run as root, which may bind any port.
     return `not allowed to listen on ${where}: ports below 1024 need privileges; choose another with --port`;
   }
   if (/failed to lookup address/i.test(String(error))) {

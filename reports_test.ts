@@ -1,6 +1,7 @@
 // What the scripts report: JSON for scripts, a live line for people, a summary
 // and JSON log lines for operators, OpenTelemetry counters for collectors.
 import { assert, assertEquals, assertMatch } from "@std/assert";
+import { getAvailablePort } from "@std/net";
 import {
   deadline,
   resetStorm,
@@ -94,6 +95,39 @@ testEachStyle("the server prints one summary line at shutdown", async (style) =>
     /^served 4 connections \(at most [1-3] at once\) in \d+\.\d s: \d+ bytes echoed; 1 connection ended in an error$/,
   );
 });
+
+testEachStyle("--verbose also logs every echo; --quiet logs nothing but errors", async (style) => {
+  await using verbose = await ServerProcess.start(["--port", "0", "--verbose"], { style });
+  const client = await runScript("client.ts", ["--port", `${verbose.port}`, "--count", "3"]);
+  assertEquals(client.code, 0);
+  await waitUntil(
+    () => verbose.count(/^127\.0\.0\.1:\d+ echoing 5 bytes$/) === 3,
+    "3 echoes logged",
+  );
+  assertEquals((await verbose.stop("SIGTERM")).code, 0);
+
+  const port = getAvailablePort();
+  await using quiet = ServerProcess.spawn(["--port", `${port}`, "--quiet"], { style });
+  await untilListening(port);
+  await resetStorm(port, 1, 1_000_000); // not an error of the server's: not logged either
+  const quietClient = await runScript("client.ts", ["--port", `${port}`, "--count", "3"]);
+  assertEquals(quietClient.code, 0);
+  const { code, stdout, stderr } = await quiet.stop("SIGTERM");
+  assertEquals([code, stdout, stderr], [0, "", ""]);
+});
+
+/** Resolves once something accepts connections on `port`; fails after 10 s. */
+async function untilListening(port: number): Promise<void> {
+  for (const end = performance.now() + 10_000; performance.now() < end;) {
+    try {
+      (await Deno.connect({ hostname: "127.0.0.1", port })).close();
+      return;
+    } catch {
+      await new Promise((resolve) => setTimeout(resolve, 50));
+    }
+  }
+  throw new Error(`nothing listening on port ${port} within 10 s`);
+}
 
 Deno.test("--log-format json writes one JSON object per log line, with a timestamp", async () => {
   await using server = await ServerProcess.start(["--port", "0", "--log-format", "json"]);

@@ -1,8 +1,9 @@
 // UDP echo (RFC 862) and its defences, and what is particular to Unix sockets.
 // The stream tests that every transport shares run over TCP and Unix sockets in
 // main_test.ts and faults_test.ts.
-import { assert, assertEquals, assertLessOrEqual, assertMatch } from "@std/assert";
+import { assert, assertEquals, assertLessOrEqual, assertMatch, assertThrows } from "@std/assert";
 import { ReplyGuard } from "./udp_guard.ts";
+import { serve } from "./main.ts";
 import {
   deadline,
   delay,
@@ -12,6 +13,7 @@ import {
   ServerProcess,
   socketPath,
   testEachStyle,
+  waitUntil,
 } from "./testing/helpers.ts";
 
 /** A UDP socket on a loopback address, closed by `using`. */
@@ -92,8 +94,14 @@ Deno.test("client.ts --udp sends a datagram again when no reply comes", async ()
   await delay(1000); // a full bucket again
   const once = await runScript("client.ts", [...args, "--retries", "0", "--timeout", "500"], UDP);
   assertEquals(once.code, 1);
-  assertEquals(once.stderr.match(/no reply from 127\.0\.0\.1:\d+ after 1 tries/g)?.length, 10);
+  assertEquals(once.stderr.match(/no reply from 127\.0\.0\.1:\d+ after 1 try$/gm)?.length, 10);
   assertMatch(once.stdout, /^10\/20 echoed in \d+ ms$/m);
+  // Once a second the server logs how many it did not answer, and why.
+  await waitUntil(
+    () => server.count(/^udp: \d+ datagrams not answered \(over 10 replies\/s/) > 0,
+    "the log of the datagrams not answered",
+  );
+  assertEquals((await server.stop("SIGTERM")).code, 0);
 });
 
 testEachStyle(
@@ -274,4 +282,30 @@ Deno.test("--unix without permission for the path: one line naming the three fla
     `client.ts: no permission to connect to ${path}: run with ${flags}\n`,
   );
   assertEquals((await live.stop("SIGTERM")).code, 0);
+});
+
+Deno.test("--udp on a port whose UDP side is taken, or --unix in a missing directory: one line, exit 1", async () => {
+  // A port whose TCP side is free (it was just ours) and whose UDP side is held.
+  const tcp = Deno.listen({ hostname: "127.0.0.1", port: 0 });
+  const port = tcp.addr.port;
+  using _held = udpSocket("127.0.0.1", port);
+  tcp.close();
+  const udp = await runScript("main.ts", ["--udp", "--port", `${port}`], UDP);
+  assertEquals([udp.code, udp.stdout], [1, ""]);
+  assertEquals(
+    udp.stderr,
+    `main.ts: port ${port} on 127.0.0.1 is already in use (for TCP or UDP): stop the other server or choose another port with --port\n`,
+  );
+  // serve() itself throws, and leaves the TCP port it had taken free again.
+  assertThrows(() => serve({ port, udp: true, logLevel: "quiet" }), Deno.errors.AddrInUse);
+  Deno.listen({ hostname: "127.0.0.1", port }).close();
+  const path = `${socketPath()}.missing/echo.sock`;
+  const unix = await runScript("main.ts", ["--unix", path], { permissions: unixPermissions(path) });
+  assertEquals([unix.code, unix.stdout], [1, ""]);
+  assertMatch(
+    unix.stderr,
+    new RegExp(
+      `^main\\.ts: cannot listen on ${path}: NotFound: No such file or directory \\(os error 2\\)\\n$`,
+    ),
+  );
 });

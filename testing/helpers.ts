@@ -436,6 +436,18 @@ export class ServerProcess implements AsyncDisposable {
   }
 
   /**
+   * Starts `main.ts <args>` without waiting for anything (for `--quiet`, which
+   * prints no listening line).
+   *
+   * @param args The server's arguments.
+   * @param options Other permissions, or a shell prefix.
+   * @returns The server, perhaps not yet listening.
+   */
+  static spawn(args: string[], options: RunOptions = {}): ServerProcess {
+    return new ServerProcess(args, options);
+  }
+
+  /**
    * Starts `main.ts <args>` and waits for its listening line.
    *
    * @param args The server's arguments.
@@ -443,7 +455,7 @@ export class ServerProcess implements AsyncDisposable {
    * @returns The running server.
    */
   static async start(args: string[], options: RunOptions = {}): Promise<ServerProcess> {
-    const server = new ServerProcess(args, options);
+    const server = ServerProcess.spawn(args, options);
     try {
       await server.waitFor(/listening on /); // a line of text, or a JSON object
     } catch (error) {
