@@ -27,10 +27,15 @@ await deno(["coverage", dir, "--exclude=(testing|bench)/|_test\\.ts$", "--thresh
 
 let failed = 0;
 for (const file of GATED) {
-  const gate = await deno(["coverage", dir, `--include=/${file.replace(".", "\\.")}$`], {}, true);
+  const gate = await deno(
+    ["coverage", dir, `--include=/${file.replace(".", "\\.")}$`],
+    { NO_COLOR: "1" },
+    true,
+  );
   if (gate.success) continue;
   failed++;
-  const why = new TextDecoder().decode(gate.stderr).replace(/^error: /m, "").trim();
+  const why = new TextDecoder().decode(gate.stderr)
+    .replace(/^error: /m, "").replace(/Stack backtrace:[^]*/, "").trim();
   console.error(`coverage: ${file}: ${why}`);
 }
 console.log(
