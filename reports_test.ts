@@ -58,10 +58,14 @@ Deno.test("load mode --json prints its figures as one JSON document", async () =
   assertMatch(failed.error, /ConnectionRefused/);
 });
 
-/** Runs a command under a pseudo-terminal (util-linux `script`), as a user at a terminal would. */
-async function onTerminal(command: string, env: Record<string, string> = {}): Promise<string> {
+/**
+ * Runs a command under a pseudo-terminal (util-linux `script`), as a user at a
+ * terminal would, with NO_COLOR unset (CI sets it) unless `noColor`.
+ */
+async function onTerminal(command: string, noColor = false): Promise<string> {
+  const env = noColor ? "env NO_COLOR=1" : "env -u NO_COLOR";
   const { stdout } = await deadline(
-    new Deno.Command("script", { args: ["-qc", command, "/dev/null"], env }).output(),
+    new Deno.Command("script", { args: ["-qc", `${env} ${command}`, "/dev/null"] }).output(),
     `script -qc ${command}`,
   );
   return new TextDecoder().decode(stdout);
@@ -76,7 +80,7 @@ Deno.test("load mode shows a live progress line on a terminal that disappears at
   const shown = (await onTerminal(load)).replaceAll(erase, "|");
   assertMatch(shown, /\|0\.\d of 1 s, \d+ round trips/);
   assertMatch(shown, /round trips\|20 connections, 5-byte messages/, "not cleared at the end");
-  const noColor = await onTerminal(load, { NO_COLOR: "1" });
+  const noColor = await onTerminal(load, true);
   assertEquals(noColor.includes("\x1b[K"), false, "a progress line with NO_COLOR set");
 });
 
