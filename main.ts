@@ -22,6 +22,8 @@ import { AsyncLoop, type Connection, type DatagramSocket } from "./async_loop.ts
 import { type Flags, parseCommandLine, UsageError, withDefaults } from "./cli.ts";
 import { createTracer, formatAddr } from "./trace.ts";
 import { ReplyGuard } from "./udp_guard.ts";
+import { type Log, type LogFormat, logTo, plural } from "./log.ts";
+import { runWorkers } from "./workers.ts";
 
 /** How much the server prints. */
 export type LogLevel = "quiet" | "info" | "verbose";
@@ -29,8 +31,7 @@ export type LogLevel = "quiet" | "info" | "verbose";
 /** How the server is written: the lesson's callbacks, or coroutines on the same loop. */
 export type Style = "callbacks" | "async";
 
-/** How log lines look: plain text, or one JSON object per line for log collectors. */
-export type LogFormat = "text" | "json";
+export type { LogFormat } from "./log.ts";
 
 /** Options for {@linkcode serve}. */
 export interface ServeOptions {
@@ -56,6 +57,14 @@ export interface ServeOptions {
   udpRate?: number;
   /** Serve on this Unix socket instead of TCP (hostname and port are then unused). */
   unixPath?: string;
+  /**
+   * Share the port with other processes that set it too (SO_REUSEPORT: the
+   * kernel spreads connections over them). Linux only; needs `--unstable-net`.
+   * @default {false}
+   */
+  reusePort?: boolean;
+  /** Where log lines go, instead of stdout and stderr in `logFormat`. */
+  log?: Log;
   /** Called at each step of the loop, to watch it work (see trace.ts). */
   trace?: (event: TraceEvent) => void;
 }
@@ -157,23 +166,6 @@ function describe(error: unknown): string {
   return String(error);
 }
 
-/** Where log lines go: stdout for information, stderr for errors. */
-interface Log {
-  info(message: string): void;
-  error(message: string): void;
-}
-
-/** Log lines as plain text, or as one JSON object each with a timestamp, for log collectors. */
-function logTo(format: LogFormat): Log {
-  if (format === "text") return { info: console.log, error: console.error };
-  const line = (level: string, message: string) =>
-    JSON.stringify({ time: new Date().toISOString(), level, message });
-  return {
-    info: (message) => console.log(line("info", message)),
-    error: (message) => console.error(line("error", message)),
-  };
-}
-
 /**
  * Counters for OpenTelemetry, when Deno exports to a collector (`OTEL_DENO=true`;
  * Deno then exports the log lines too); undefined otherwise, and then nothing
@@ -199,7 +191,7 @@ function openTelemetry() {
 }
 
 /** What {@linkcode serve} does when an option is not given (no trace); main.ts's flags share them. */
-const DEFAULTS: Required<Omit<ServeOptions, "trace">> = {
+const DEFAULTS: Required<Omit<ServeOptions, "trace" | "log">> = {
   hostname: "127.0.0.1",
   port: 8888,
   maxConns: 10_000,
@@ -211,6 +203,7 @@ const DEFAULTS: Required<Omit<ServeOptions, "trace">> = {
   udp: false,
   udpRate: 100,
   unixPath: "",
+  reusePort: false,
 };
 
 /**
@@ -247,16 +240,17 @@ export function serve(options: ServeOptions = {}): Server {
     udp,
     udpRate,
     unixPath,
+    reusePort,
   } = withDefaults(options, DEFAULTS);
   const { trace } = options;
   const logs = logLevel !== "quiet";
   const verbose = logLevel === "verbose";
-  const log = logTo(logFormat);
+  const log = options.log ?? logTo(logFormat);
   const metrics = openTelemetry();
 
   const listener = unixPath
     ? Deno.listen({ transport: "unix", path: unixPath })
-    : Deno.listen({ hostname, port });
+    : Deno.listen({ hostname, port, ...(reusePort ? { reusePort } : {}) });
   let datagrams: Deno.DatagramConn | undefined;
   try {
     // UDP on the port TCP got (port 0 picks one for both).
@@ -686,7 +680,7 @@ export function serve(options: ServeOptions = {}): Server {
 const TRACE_LINES_PER_SECOND = 200;
 
 const USAGE =
-  `usage: deno run --allow-net=127.0.0.1 main.ts [--host H] [--port N] [--udp [--udp-rate N]] [--unix PATH] [--max-conns N] [--idle-timeout S] [--style callbacks|async] [--trace] [--log-format text|json] [--verbose | --quiet]`;
+  `usage: deno run --allow-net=127.0.0.1 main.ts [--host H] [--port N] [--udp [--udp-rate N]] [--unix PATH] [--max-conns N] [--idle-timeout S] [--style callbacks|async] [--trace] [--log-format text|json] [--verbose | --quiet] [--workers N|auto]`;
 
 const HELP = `An echo server (RFC 862): sends back every byte it receives, over TCP, and
 over UDP or a Unix socket if asked.
@@ -708,6 +702,13 @@ ${USAGE}
                      (default ${DEFAULTS.logFormat})
   --verbose          also log every echo
   --quiet            log errors only
+  --workers N        N processes share the port (SO_REUSEPORT, Linux), auto: one per CPU;
+                     the parent restarts a worker that dies and drains all on a signal.
+                     Needs --allow-run=deno and --unstable-net (deno task start has both);
+                     each worker gets only --allow-net for its host. --max-conns is per worker,
+                     and the first worker serves --udp
+  --worker ID        set by --workers on each worker it starts: share the port, log JSON
+                     lines for the parent, drain when stdin closes
   --help             show this help
 
 SIGINT or SIGTERM shuts down gracefully: a second one exits at once.`;
@@ -725,10 +726,31 @@ const FLAGS = {
   "log-format": { type: "text" },
   verbose: { type: "boolean" },
   quiet: { type: "boolean" },
+  workers: { type: "text" },
+  worker: { type: "integer", min: 1 },
 } as const;
 
+/** What the command line asks for: the server's options, and how many processes serve. */
+interface CommandLine extends ServeOptions {
+  /** Worker processes sharing the port (1: this process serves). */
+  workers: number;
+  /** Set in a worker that `--workers` started: its number. */
+  worker?: number;
+}
+
+/** --workers N, or auto: one per CPU. */
+function workerCount(text: string | undefined): number {
+  if (text === undefined) return 1;
+  if (text === "auto") return navigator.hardwareConcurrency;
+  const count = Number(text);
+  if (!Number.isInteger(count) || count < 1 || count > 1024) {
+    throw new UsageError(`--workers must be auto or a whole number from 1 to 1024, got "${text}"`);
+  }
+  return count;
+}
+
 /** Reads the command line into serve() options, or throws a UsageError. */
-function optionsFrom(flags: Flags<typeof FLAGS>): ServeOptions {
+function optionsFrom(flags: Flags<typeof FLAGS>): CommandLine {
   if (flags.verbose && flags.quiet) {
     throw new UsageError("--verbose and --quiet do not go together");
   }
@@ -748,8 +770,17 @@ function optionsFrom(flags: Flags<typeof FLAGS>): ServeOptions {
   if (logFormat !== undefined && logFormat !== "text" && logFormat !== "json") {
     throw new UsageError(`--log-format must be text or json, got "${logFormat}"`);
   }
+  const workers = workerCount(flags.workers);
+  if (workers > 1 && flags.unix !== undefined) {
+    throw new UsageError("--workers share a TCP port: not with --unix");
+  }
+  if (flags.worker !== undefined && flags.workers !== undefined) {
+    throw new UsageError("--worker is set by --workers for each worker it starts: not both");
+  }
   const idleSeconds = flags["idle-timeout"];
   return {
+    workers,
+    worker: flags.worker,
     logFormat,
     hostname: flags.host,
     port: flags.port,
@@ -765,7 +796,7 @@ function optionsFrom(flags: Flags<typeof FLAGS>): ServeOptions {
 }
 
 /** Why listening failed, in one line with what to do about it. */
-function listenError(error: unknown, options: Required<Omit<ServeOptions, "trace">>): string {
+function listenError(error: unknown, options: typeof DEFAULTS): string {
   const { hostname: host, port, unixPath: path, udp } = options;
   if (path) {
     if (error instanceof Deno.errors.NotCapable) {
@@ -846,14 +877,27 @@ export async function main(args: string[]): Promise<number> {
     optionsFrom,
   );
   if ("exit" in parsed) return parsed.exit;
-  const options = withDefaults(parsed.options, DEFAULTS);
-  if (options.udp && typeof Deno.listenDatagram !== "function") {
+  const { workers, worker, ...serveOptions } = parsed.options;
+  const options = withDefaults(serveOptions, DEFAULTS);
+  const unstable = typeof Deno.listenDatagram === "function"; // --unstable-net was given
+  if (options.udp && !unstable) {
     console.error(
       "main.ts: --udp needs Deno's unstable UDP API: add --unstable-net to deno run (deno task start has it)",
     );
     return 2;
   }
-  const log = options.logLevel === "quiet" ? undefined : logTo(options.logFormat);
+  if (workers > 1) return await startWorkers(options, workers, serveOptions.trace !== undefined);
+  if (worker !== undefined && !unstable) {
+    console.error("main.ts: --worker shares its port (SO_REUSEPORT): add --unstable-net");
+    return 2;
+  }
+  // A worker logs JSON lines for its parent, and always says when it listens and what it served.
+  const log = worker !== undefined
+    ? logTo("json", { worker })
+    : options.logLevel === "quiet"
+    ? undefined
+    : logTo(options.logFormat);
+  const forParent = (fields: Record<string, unknown>) => worker === undefined ? {} : fields;
   let server: Server;
   try {
     const unavailable = options.unixPath && await claimUnixPath(options.unixPath, log);
@@ -861,53 +905,117 @@ export async function main(args: string[]): Promise<number> {
       console.error(`main.ts: ${unavailable}`);
       return 1;
     }
-    server = serve(options);
+    const shared = worker === undefined ? {} : { reusePort: true, log };
+    server = serve({ ...options, ...shared });
   } catch (error) {
     console.error(`main.ts: ${listenError(error, options)}`);
     return 1;
   }
   // The first SIGINT or SIGTERM shuts down gracefully; a second one exits at once,
-  // with the status a shell gives a process killed by that signal.
+  // with the status a shell gives a process killed by that signal. A worker
+  // leaves SIGINT (which a terminal sends its parent too) to its parent, which
+  // stops it by closing its stdin.
   let stopping = false;
+  const stop = (how: string) => {
+    stopping = true;
+    log?.info(`shutting down: ${plural(server.stats.open, "connection")} to finish (${how})`);
+    server.close();
+  };
   const signals = [["SIGINT", 130], ["SIGTERM", 143]] as const;
   const handlers = signals.map(([signal, status]) => {
     const handler = () => {
+      if (worker !== undefined && signal === "SIGINT") return;
       if (stopping) Deno.exit(status);
-      stopping = true;
-      log?.info(
-        `shutting down: ${server.stats.open} connections to finish (${signal} again to force)`,
-      );
-      server.close();
+      stop(`${signal} again to force`);
     };
     Deno.addSignalListener(signal, handler);
     return () => Deno.removeSignalListener(signal, handler);
   });
+  if (worker !== undefined) {
+    untilEnd(Deno.stdin).then(() => stopping || stop("the parent closed stdin"));
+  }
   // Announce only now: whoever waits for this line may signal at once.
   const { addr } = server;
-  const exposed = !("hostname" in addr) || isLoopback(addr.hostname)
-    ? ""
-    : " (reachable from the network)";
-  log?.info(`listening on ${formatAddr(addr)}${exposed}`);
+  const address = formatAddr(addr);
+  const exposed = "hostname" in addr && !isLoopback(addr.hostname);
+  const port = "port" in addr ? addr.port : undefined;
+  log?.info(
+    `listening on ${address}${exposed ? " (reachable from the network)" : ""}`,
+    forParent({ event: "listening", address, port, exposed }),
+  );
   await server.finished;
   for (const remove of handlers) remove();
-  log?.info(summary(server.stats, options.udp));
+  const { accepted, bytes, failed } = server.stats;
+  log?.info(
+    summary(server.stats, options.udp),
+    forParent({ event: "summary", stats: { accepted, bytes, failed } }),
+  );
   return 0;
+}
+
+/** Resolves when a stream (a worker's stdin) ends: its parent closed it, or died. */
+async function untilEnd(stream: { read(p: Uint8Array): Promise<number | null> }): Promise<void> {
+  const buffer = new Uint8Array(64);
+  try {
+    while (await stream.read(buffer) !== null); // anything written is ignored
+  } catch {
+    // an error ends it too
+  }
+}
+
+/**
+ * `--workers N`: this process starts N workers (`main.ts --worker ID`) on one
+ * port and watches them (workers.ts). Each gets exactly what it needs: the
+ * network on its host, and `--unstable-net` for SO_REUSEPORT.
+ */
+async function startWorkers(
+  options: typeof DEFAULTS,
+  count: number,
+  trace: boolean,
+): Promise<number> {
+  if (Deno.build.os !== "linux") {
+    // Only off Linux, where no test of ours runs.
+    console.error(
+      "main.ts: --workers share a port through SO_REUSEPORT, which Deno offers on Linux only: run one server per port instead",
+    );
+    return 1;
+  }
+  if ((await Deno.permissions.query({ name: "run", command: "deno" })).state !== "granted") {
+    console.error(
+      "main.ts: --workers starts its workers with deno: add --allow-run=deno (deno task start has it)",
+    );
+    return 1;
+  }
+  const { hostname, maxConns, idleTimeout, style, logLevel, udp, udpRate } = options;
+  const net = hostname.includes(":") ? `[${hostname}]` : hostname;
+  const level = logLevel === "quiet" ? ["--quiet"] : logLevel === "verbose" ? ["--verbose"] : [];
+  const flags = [
+    ...["--host", hostname, "--max-conns", `${maxConns}`, "--style", style],
+    ...["--idle-timeout", `${idleTimeout / 1000}`, ...level, ...(trace ? ["--trace"] : [])],
+  ];
+  return await runWorkers({
+    count,
+    port: options.port,
+    logFormat: options.logFormat,
+    quiet: logLevel === "quiet",
+    command: (id, port) => [
+      ...["run", `--allow-net=${net}`, "--unstable-net", import.meta.url, ...flags],
+      ...["--port", `${port}`, "--worker", `${id}`],
+      // UDP is one socket: the first worker serves it.
+      ...(udp && id === 1 ? ["--udp", "--udp-rate", `${udpRate}`] : []),
+    ],
+  });
 }
 
 /** The shutdown summary: one line for the whole run. */
 function summary(stats: ServerStats, udp: boolean): string {
   const seconds = ((performance.now() - stats.started) / 1000).toFixed(1);
   const datagrams = udp
-    ? `, ${count(stats.datagrams, "datagram")} echoed and ${stats.dropped} not answered`
+    ? `, ${plural(stats.datagrams, "datagram")} echoed and ${stats.dropped} not answered`
     : "";
-  return `served ${count(stats.accepted, "connection")} (at most ${stats.peak} at once) in ` +
-    `${seconds} s: ${count(stats.bytes, "byte")} echoed${datagrams}; ` +
-    `${count(stats.failed, "connection")} ended in an error`;
-}
-
-/** "1 connection", "2 connections". */
-function count(n: number, noun: string): string {
-  return `${n} ${noun}${n === 1 ? "" : "s"}`;
+  return `served ${plural(stats.accepted, "connection")} (at most ${stats.peak} at once) in ` +
+    `${seconds} s: ${plural(stats.bytes, "byte")} echoed${datagrams}; ` +
+    `${plural(stats.failed, "connection")} ended in an error`;
 }
 
 if (import.meta.main) Deno.exit(await main(Deno.args));

@@ -1,0 +1,189 @@
+// --workers N: N processes share one port (SO_REUSEPORT); the parent drains,
+// restarts and reports them, and none outlives it.
+import { assert, assertEquals, assertMatch } from "@std/assert";
+import {
+  connect,
+  pattern,
+  readAll,
+  runScript,
+  ServerProcess,
+  waitUntil,
+  writeAll,
+} from "./testing/helpers.ts";
+
+/** What the parent needs: the network, deno to start its workers, and SO_REUSEPORT's flag. */
+const PARENT = { permissions: ["--allow-net=127.0.0.1", "--allow-run=deno", "--unstable-net"] };
+
+/** Starts `main.ts --workers 2`; returns it and its workers' pids, from its listening line. */
+async function startPool(args: string[] = []) {
+  const server = await ServerProcess.start(["--port", "0", "--workers", "2", ...args], PARENT);
+  const [, first, second] = await server.waitFor(/with 2 workers \(pids (\d+), (\d+)\)/);
+  return { server, pids: [Number(first), Number(second)] };
+}
+
+/** Whether a process runs (kill -0 through sh: Deno.kill needs broader permissions). */
+async function alive(pid: number): Promise<boolean> {
+  const { code } = await new Deno.Command("sh", { args: ["-c", `kill -0 ${pid} 2>/dev/null`] })
+    .output();
+  return code === 0;
+}
+
+async function signal(pid: number, name: "KILL" | "INT"): Promise<void> {
+  await new Deno.Command("sh", { args: ["-c", `kill -${name} ${pid}`] }).output();
+}
+
+/** Waits until none of `pids` runs, for at most `ms`. */
+async function untilGone(pids: number[], what: string, ms = 10_000): Promise<void> {
+  const end = performance.now() + ms;
+  for (let left = pids; left.length > 0;) {
+    if (performance.now() > end) throw new Error(`${what}: pids ${left} still run after ${ms} ms`);
+    left = (await Promise.all(left.map(async (pid) => await alive(pid) ? [pid] : []))).flat();
+    await new Promise((resolve) => setTimeout(resolve, 50));
+  }
+}
+
+Deno.test("--workers 2 share one port; SIGTERM drains both, bytes in flight included; summary per worker and in total", async () => {
+  const { server, pids } = await startPool();
+  await using _ = server;
+  // Ctrl-C at a terminal reaches every process of its group: workers leave it to the parent.
+  await signal(pids[0], "INT");
+  const client = await runScript("client.ts", ["--port", `${server.port}`, "--count", "100"]);
+  assertEquals([client.code, client.stderr], [0, ""]);
+  // A connection with a megabyte in flight when the signal comes: every byte comes back.
+  const conn = await connect(server.port);
+  const sent = pattern(1 << 20, 7);
+  const writing = writeAll(conn, sent);
+  const echo = readAll(conn, sent.length);
+  await server.waitFor(/ connected$/m); // one of the workers has it
+  const stopped = server.stop("SIGTERM");
+  await writing;
+  assertEquals(await echo, sent);
+  await conn.closeWrite(); // the worker half-closed after the echo, and waits for this
+  assertEquals(await readAll(conn), new Uint8Array(0), "EOF after the echo");
+  conn.close();
+  const { code, stdout } = await stopped;
+  assertEquals(code, 0);
+  const served = [...stdout.matchAll(/^worker (\d): served (\d+) connections?/gm)]
+    .map(([, id, count]) => [Number(id), Number(count)]).sort();
+  assertEquals(served.map(([id]) => id), [1, 2], stdout);
+  assert(served.every(([, count]) => count > 0), `a worker served nothing: ${stdout}`);
+  assertEquals(served[0][1] + served[1][1], 101);
+  assertMatch(
+    stdout,
+    /^served 101 connections with 2 workers in \d+\.\d s: 1049076 bytes echoed; 0 connections ended in an error$/m,
+  );
+  await untilGone(pids, "the workers after a drain");
+});
+
+Deno.test("a killed worker is restarted and serves; the exit code says one died", async () => {
+  const { server, pids } = await startPool();
+  await using _ = server;
+  await signal(pids[0], "KILL");
+  const [, again] = await server.waitFor(/^worker 1 serves again, pid (\d+)$/m);
+  assertMatch(
+    server.stderr,
+    new RegExp(
+      `^worker 1 \\(pid ${pids[0]}\\) died: killed by SIGKILL; restarting in 0\\.1 s$`,
+      "m",
+    ),
+  );
+  // Dying again soon after its start doubles the pause: no tight restart loop.
+  await signal(Number(again), "KILL");
+  await waitUntil(
+    () =>
+      new RegExp(`^worker 1 \\(pid ${again}\\) died: .*; restarting in 0\\.2 s$`, "m").test(
+        server.stderr,
+      ),
+    "the second restart, after a longer pause",
+  );
+  await server.waitFor(new RegExp(`^worker 1 serves again, pid (?!${again}$)\\d+$`, "m"));
+  const client = await runScript("client.ts", ["--port", `${server.port}`, "--count", "50"]);
+  assertEquals([client.code, client.stderr], [0, ""]);
+  const { code, stdout } = await server.stop("SIGTERM");
+  assertEquals(code, 1);
+  assertMatch(stdout, /ended in an error; 2 workers restarted$/m);
+});
+
+Deno.test("no orphans: a parent killed with SIGKILL takes its workers with it; a second signal too", async () => {
+  const killed = await startPool();
+  await killed.server.stop("SIGKILL");
+  await untilGone(killed.pids, "the workers of a parent killed with SIGKILL");
+
+  // A peer that never half-closes keeps the drain waiting; a second SIGTERM ends it at once.
+  const { server, pids } = await startPool();
+  await using _ = server;
+  const conn = await connect(server.port);
+  await writeAll(conn, pattern(10));
+  await readAll(conn, 10);
+  server.stop("SIGTERM"); // the first: drain
+  await server.waitFor(/^shutting down 2 workers/m);
+  const { code } = await server.stop("SIGTERM");
+  assertEquals(code, 143);
+  // At once: not after the 5 s grace period the drain would give the connection.
+  await untilGone(pids, "the workers after a second SIGTERM", 2000);
+  conn.close();
+});
+
+Deno.test("a pool that cannot start says why in one line: a port in use, no --allow-run", async () => {
+  using held = Deno.listen({ hostname: "127.0.0.1", port: 0 });
+  const port = held.addr.port;
+  const busy = await runScript("main.ts", ["--workers", "2", "--port", `${port}`], PARENT);
+  assertEquals([busy.code, busy.stdout], [1, ""]);
+  assertEquals(
+    busy.stderr,
+    `main.ts: port ${port} on 127.0.0.1 is already in use: stop the other server or choose another port with --port\n`,
+  );
+  const denied = await runScript("main.ts", ["--workers", "2"], {
+    permissions: ["--allow-net=127.0.0.1", "--unstable-net"],
+  });
+  assertEquals([denied.code, denied.stdout], [1, ""]);
+  assertEquals(
+    denied.stderr,
+    "main.ts: --workers starts its workers with deno: add --allow-run=deno (deno task start has it)\n",
+  );
+  const noUnstable = await runScript("main.ts", ["--worker", "1", "--port", "0"]);
+  assertEquals(
+    [noUnstable.code, noUnstable.stderr],
+    [2, "main.ts: --worker shares its port (SO_REUSEPORT): add --unstable-net\n"],
+  );
+});
+
+Deno.test("--workers with --quiet prints nothing; with --log-format json, one object per line, tagged", async () => {
+  const quiet = await startPoolQuietly();
+  await using _quiet = quiet.server;
+  const client = await runScript("client.ts", ["--port", `${quiet.port}`, "--count", "10"]);
+  assertEquals(client.code, 0);
+  assertEquals(await quiet.server.stop("SIGTERM"), { code: 0, stdout: "", stderr: "" });
+
+  const { server } = await startPool(["--log-format", "json"]);
+  await using _ = server;
+  const echoed = await runScript("client.ts", ["--port", `${server.port}`, "--count", "10"]);
+  assertEquals(echoed.code, 0);
+  const { code, stdout } = await server.stop("SIGTERM");
+  assertEquals(code, 0);
+  const lines = stdout.trimEnd().split("\n").map((line) => JSON.parse(line));
+  assertMatch(lines[0].message, /^listening on 127\.0\.0\.1:\d+ with 2 workers/);
+  const tagged = lines.filter((line) => / connected$/.test(line.message));
+  assertEquals(tagged.length, 10);
+  assert(tagged.every((line) => line.worker === 1 || line.worker === 2), stdout);
+  assertMatch(lines.at(-1).message, /^served 10 connections with 2 workers/);
+});
+
+/** `--workers 2 --quiet` on a free port: it prints nothing, so wait until it answers. */
+async function startPoolQuietly() {
+  const tcp = Deno.listen({ hostname: "127.0.0.1", port: 0 });
+  const port = tcp.addr.port;
+  tcp.close();
+  const args = ["--port", `${port}`, "--workers", "2", "--quiet"];
+  const server = ServerProcess.spawn(args, PARENT);
+  for (const end = performance.now() + 10_000; performance.now() < end;) {
+    try {
+      (await Deno.connect({ hostname: "127.0.0.1", port })).close();
+      return { server, port };
+    } catch {
+      await new Promise((resolve) => setTimeout(resolve, 50));
+    }
+  }
+  await server[Symbol.asyncDispose]();
+  throw new Error("the quiet pool never listened");
+}
