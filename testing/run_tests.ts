@@ -3,6 +3,8 @@
  * where JSR can be reached (or they are cached), and otherwise with the small
  * stand-ins in testing/std/, saying so in one line on stderr. Either way every
  * test runs. Extra arguments go to `deno test` (e.g. `--filter half-close`).
+ * With `--deploy` first (`deno task test:deploy`), it runs the HAProxy check
+ * instead, deploy/haproxy_check.ts.
  *
  * @module
  */
@@ -48,4 +50,14 @@ if (!online) {
   );
   importMap.push(`--import-map=${standIns}`);
 }
-Deno.exit(await run(["test", "--doc", ...PERMISSIONS, ...importMap, ...Deno.args]));
+// --deploy: deploy/haproxy_check.ts alone, which needs HAProxy (deno task test:deploy).
+const deploy = Deno.args[0] === "--deploy";
+const tests = deploy
+  ? [
+    "--allow-net=127.0.0.1",
+    "--allow-run=deno,haproxy",
+    new URL("../deploy/haproxy_check.ts", here).pathname,
+    ...Deno.args.slice(1),
+  ]
+  : ["--doc", ...PERMISSIONS, ...Deno.args];
+Deno.exit(await run(["test", ...importMap, ...tests]));
