@@ -738,13 +738,16 @@ interface CommandLine extends ServeOptions {
   worker?: number;
 }
 
-/** --workers N, or auto: one per CPU. */
+/** --workers N, or auto: one per CPU. More than 4 per CPU would only compete for them. */
 function workerCount(text: string | undefined): number {
+  const cpus = navigator.hardwareConcurrency;
   if (text === undefined) return 1;
-  if (text === "auto") return navigator.hardwareConcurrency;
+  if (text === "auto") return cpus;
   const count = Number(text);
-  if (!Number.isInteger(count) || count < 1 || count > 1024) {
-    throw new UsageError(`--workers must be auto or a whole number from 1 to 1024, got "${text}"`);
+  if (!Number.isInteger(count) || count < 1 || count > 4 * cpus) {
+    throw new UsageError(
+      `--workers must be auto or a whole number from 1 to ${4 * cpus} (4 per CPU), got "${text}"`,
+    );
   }
   return count;
 }

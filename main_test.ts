@@ -167,6 +167,23 @@ Deno.test("bad flags and values print one line saying what is wrong, exit 2", as
       "--unix serves on a socket file: not with --host, --port or --udp",
     ],
     [["--udp-rate", "5"], "--udp-rate needs --udp"],
+    [
+      ["--workers", "0"],
+      `--workers must be auto or a whole number from 1 to ${
+        4 * navigator.hardwareConcurrency
+      } (4 per CPU), got "0"`,
+    ],
+    [
+      ["--workers", "many"],
+      `--workers must be auto or a whole number from 1 to ${
+        4 * navigator.hardwareConcurrency
+      } (4 per CPU), got "many"`,
+    ],
+    [["--workers", "2", "--unix", "/tmp/x.sock"], "--workers share a TCP port: not with --unix"],
+    [
+      ["--workers", "2", "--worker", "1"],
+      "--worker is set by --workers for each worker it starts: not both",
+    ],
   ];
   await Promise.all(cases.map(async ([args, message]) => {
     const { code, stdout, stderr } = await runScript("main.ts", args);
