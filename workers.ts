@@ -88,6 +88,15 @@ class WorkerProcess {
     return this.child.pid;
   }
 
+  /** Ends the worker at once, if it still runs. */
+  kill(): void {
+    try {
+      this.child.kill("SIGKILL");
+    } catch {
+      // exited already
+    }
+  }
+
   /** Asks the worker to drain and exit: closes its stdin. */
   stop(): void {
     this.child.stdin.close().catch(() => {}); // closed already
@@ -211,20 +220,14 @@ export async function runWorkers(options: WorkerPoolOptions): Promise<number> {
     console.error(worker.lastError || `main.ts: worker ${worker.id} could not start`);
     return code === 2 ? 2 : 1;
   }
-  serving = true;
-  const { address, exposed } = await first!.listening.promise;
-  const pids = pool.map((worker) => worker!.pid).join(", ");
-  const reachable = exposed ? " (reachable from the network)" : "";
-  say(`listening on ${address} with ${count} workers (pids ${pids})${reachable}`);
-  for (const worker of pool) watch(worker!, port);
-
   // The first SIGINT or SIGTERM drains every worker; a second one kills them and exits.
+  // Installed before the announcement: whoever waits for it may signal at once.
   const drained = Promise.withResolvers<void>();
   const signals = [["SIGINT", 130], ["SIGTERM", 143]] as const;
   const handlers = signals.map(([signal, status]) => {
     const handler = () => {
       if (stopping) {
-        for (const worker of workers.values()) worker.child.kill("SIGKILL");
+        for (const worker of workers.values()) worker.kill();
         Deno.exit(status);
       }
       stopping = true;
@@ -238,6 +241,13 @@ export async function runWorkers(options: WorkerPoolOptions): Promise<number> {
     Deno.addSignalListener(signal, handler);
     return () => Deno.removeSignalListener(signal, handler);
   });
+  serving = true;
+  const { address, exposed } = await first!.listening.promise;
+  const pids = pool.map((worker) => worker!.pid).join(", ");
+  const reachable = exposed ? " (reachable from the network)" : "";
+  say(`listening on ${address} with ${count} workers (pids ${pids})${reachable}`);
+  for (const worker of pool) watch(worker!, port);
+
   await drained.promise;
   for (const remove of handlers) remove();
   const seconds = ((performance.now() - started) / 1000).toFixed(1);
