@@ -170,10 +170,11 @@ export async function runWorkers(options: WorkerPoolOptions): Promise<number> {
   };
 
   /** Starts worker `id`; resolves with it once it listens, or undefined if it exited first. */
-  const start = (id: number, port: number): Promise<WorkerProcess | undefined> => {
+  const start = async (id: number, port: number): Promise<WorkerProcess | undefined> => {
+    if (stopping) return undefined; // a signal came: start nothing more
     const worker = new WorkerProcess(id, command(id, port), print);
     workers.set(id, worker);
-    return Promise.race([
+    return await Promise.race([
       worker.listening.promise.then(() => worker),
       worker.exited.then(() => undefined),
     ]);
@@ -206,22 +207,8 @@ export async function runWorkers(options: WorkerPoolOptions): Promise<number> {
     });
   };
 
-  // The first worker picks the port if asked for 0; the others share it.
-  const first = await start(1, options.port);
-  const port = first ? Number((await first.listening.promise).port) : options.port;
-  const pool = first
-    ? [first, ...await Promise.all(range(2, count).map((id) => start(id, port)))]
-    : [undefined];
-  const failed = pool.indexOf(undefined);
-  if (failed >= 0) {
-    for (const worker of workers.values()) worker.stop();
-    const worker = workers.get(failed + 1)!;
-    const [{ code }] = await Promise.all([worker.exited, ...pool.map((w) => w?.exited)]);
-    console.error(worker.lastError || `main.ts: worker ${worker.id} could not start`);
-    return code === 2 ? 2 : 1;
-  }
   // The first SIGINT or SIGTERM drains every worker; a second one kills them and exits.
-  // Installed before the announcement: whoever waits for it may signal at once.
+  // Installed before any worker starts: a signal during the start drains those started.
   const drained = Promise.withResolvers<void>();
   const signals = [["SIGINT", 130], ["SIGTERM", 143]] as const;
   const handlers = signals.map(([signal, status]) => {
@@ -241,12 +228,30 @@ export async function runWorkers(options: WorkerPoolOptions): Promise<number> {
     Deno.addSignalListener(signal, handler);
     return () => Deno.removeSignalListener(signal, handler);
   });
-  serving = true;
-  const { address, exposed } = await first!.listening.promise;
-  const pids = pool.map((worker) => worker!.pid).join(", ");
-  const reachable = exposed ? " (reachable from the network)" : "";
-  say(`listening on ${address} with ${count} workers (pids ${pids})${reachable}`);
-  for (const worker of pool) watch(worker!, port);
+
+  // The first worker picks the port if asked for 0; the others share it.
+  const first = await start(1, options.port);
+  const port = first ? Number((await first.listening.promise).port) : options.port;
+  const pool = first
+    ? [first, ...await Promise.all(range(2, count).map((id) => start(id, port)))]
+    : [undefined];
+  const failed = pool.indexOf(undefined);
+  if (failed >= 0 && !stopping) {
+    for (const worker of workers.values()) worker.stop();
+    const worker = workers.get(failed + 1)!;
+    const [{ code }] = await Promise.all([worker.exited, ...pool.map((w) => w?.exited)]);
+    for (const remove of handlers) remove();
+    console.error(worker.lastError || `main.ts: worker ${worker.id} could not start`);
+    return code === 2 ? 2 : 1;
+  }
+  if (!stopping) {
+    serving = true;
+    const { address, exposed } = await first!.listening.promise;
+    const pids = pool.map((worker) => worker!.pid).join(", ");
+    const reachable = exposed ? " (reachable from the network)" : "";
+    say(`listening on ${address} with ${count} workers (pids ${pids})${reachable}`);
+  }
+  for (const worker of workers.values()) watch(worker, port);
 
   await drained.promise;
   for (const remove of handlers) remove();

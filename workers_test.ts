@@ -171,9 +171,7 @@ Deno.test("--workers with --quiet prints nothing; with --log-format json, one ob
 
 /** `--workers 2 --quiet` on a free port: it prints nothing, so wait until it answers. */
 async function startPoolQuietly() {
-  const tcp = Deno.listen({ hostname: "127.0.0.1", port: 0 });
-  const port = tcp.addr.port;
-  tcp.close();
+  const port = freePort();
   const args = ["--port", `${port}`, "--workers", "2", "--quiet"];
   const server = ServerProcess.spawn(args, PARENT);
   for (const end = performance.now() + 10_000; performance.now() < end;) {
@@ -186,4 +184,35 @@ async function startPoolQuietly() {
   }
   await server[Symbol.asyncDispose]();
   throw new Error("the quiet pool never listened");
+}
+
+Deno.test("a signal while the workers start: those started drain, nothing is left holding the port", async () => {
+  for (const after of [50, 300]) {
+    const port = freePort();
+    await using pool = ServerProcess.spawn(["--port", `${port}`, "--workers", "2"], PARENT);
+    await new Promise((resolve) => setTimeout(resolve, after));
+    const { code, stderr } = await pool.stop("SIGTERM");
+    assertEquals([code, stderr], [0, ""], `SIGTERM ${after} ms after the start`);
+    // No worker holds the port any more: a listener without SO_REUSEPORT gets it.
+    await untilFree(port);
+  }
+});
+
+/** A free loopback port (the kernel's pick, released at once). */
+function freePort(): number {
+  using listener = Deno.listen({ hostname: "127.0.0.1", port: 0 });
+  return listener.addr.port;
+}
+
+/** Waits until `port` can be listened on again; fails after 5 s. */
+async function untilFree(port: number): Promise<void> {
+  for (const end = performance.now() + 5000;;) {
+    try {
+      Deno.listen({ hostname: "127.0.0.1", port }).close();
+      return;
+    } catch (error) {
+      if (performance.now() > end) throw new Error(`port ${port} still held: ${error}`);
+      await new Promise((resolve) => setTimeout(resolve, 50));
+    }
+  }
 }
