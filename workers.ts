@@ -22,7 +22,7 @@
  * @module
  */
 
-import { type LogFormat, plural } from "./log.ts";
+import { type LogFormat, logTo, plural } from "./log.ts";
 
 /** What {@linkcode runWorkers} needs to start and watch its workers. */
 export interface WorkerPoolOptions {
@@ -151,12 +151,9 @@ export async function runWorkers(options: WorkerPoolOptions): Promise<number> {
   let stopping = false;
   let serving = false;
 
-  /** The parent's own line, in the log format. */
-  const line = (message: string, level = "info") =>
-    logFormat === "json"
-      ? JSON.stringify({ time: new Date().toISOString(), level, message })
-      : message;
-  const say = (message: string) => quiet || console.log(line(message));
+  /** The parent's own lines, in the log format. */
+  const log = logTo(logFormat);
+  const say = (message: string) => quiet || log.info(message);
 
   /** Prints a worker's line as the parent's, tagged with the worker. */
   const print = (worker: Line) => {
@@ -192,9 +189,7 @@ export async function runWorkers(options: WorkerPoolOptions): Promise<number> {
       const wait = performance.now() - worker.started >= STABLE_MS ? FIRST_BACKOFF_MS : backoff;
       const how = status.signal ? `killed by ${status.signal}` : `exit code ${status.code}`;
       const again = `restarting in ${(wait / 1000).toFixed(1)} s`;
-      console.error(
-        line(`worker ${worker.id} (pid ${worker.pid}) died: ${how}; ${again}`, "error"),
-      );
+      log.error(`worker ${worker.id} (pid ${worker.pid}) died: ${how}; ${again}`);
       restarts.set(
         worker.id,
         setTimeout(async () => {
