@@ -3,12 +3,14 @@
 import { assert, assertEquals, assertMatch } from "@std/assert";
 import { getAvailablePort } from "@std/net";
 import {
+  concat,
   deadline,
   resetStorm,
   runScript,
   serveForTest,
   ServerProcess,
   testEachStyle,
+  untilListening,
   waitUntil,
 } from "./testing/helpers.ts";
 
@@ -120,19 +122,6 @@ testEachStyle("--verbose also logs every echo; --quiet logs nothing but errors",
   assertEquals([code, stdout, stderr], [0, "", ""]);
 });
 
-/** Resolves once something accepts connections on `port`; fails after 10 s. */
-async function untilListening(port: number): Promise<void> {
-  for (const end = performance.now() + 10_000; performance.now() < end;) {
-    try {
-      (await Deno.connect({ hostname: "127.0.0.1", port })).close();
-      return;
-    } catch {
-      await new Promise((resolve) => setTimeout(resolve, 50));
-    }
-  }
-  throw new Error(`nothing listening on port ${port} within 10 s`);
-}
-
 Deno.test("--log-format json writes one JSON object per log line, with a timestamp", async () => {
   await using server = await ServerProcess.start(["--port", "0", "--log-format", "json"]);
   const client = await runScript("client.ts", ["--port", `${server.port}`, "--count", "2"]);
@@ -188,13 +177,3 @@ Deno.test("with OTEL_DENO=true the server exports its counters to a collector; w
     await collector.shutdown();
   }
 });
-
-function concat(chunks: Uint8Array[]): Uint8Array {
-  const all = new Uint8Array(chunks.reduce((sum, chunk) => sum + chunk.length, 0));
-  let at = 0;
-  for (const chunk of chunks) {
-    all.set(chunk, at);
-    at += chunk.length;
-  }
-  return all;
-}

@@ -7,6 +7,7 @@ import { serve } from "./main.ts";
 import {
   deadline,
   delay,
+  freePort,
   pattern,
   runScript,
   serveForTest,
@@ -286,10 +287,8 @@ Deno.test("--unix without permission for the path: one line naming the three fla
 
 Deno.test("--udp on a port whose UDP side is taken, or --unix in a missing directory: one line, exit 1", async () => {
   // A port whose TCP side is free (it was just ours) and whose UDP side is held.
-  const tcp = Deno.listen({ hostname: "127.0.0.1", port: 0 });
-  const port = tcp.addr.port;
+  const port = freePort();
   using _held = udpSocket("127.0.0.1", port);
-  tcp.close();
   const udp = await runScript("main.ts", ["--udp", "--port", `${port}`], UDP);
   assertEquals([udp.code, udp.stdout], [1, ""]);
   assertEquals(

@@ -2,11 +2,14 @@
 // restarts and reports them, and none outlives it.
 import { assert, assertEquals, assertMatch } from "@std/assert";
 import {
+  concat,
   connect,
+  freePort,
   pattern,
   readAll,
   runScript,
   ServerProcess,
+  untilListening,
   waitUntil,
   writeAll,
 } from "./testing/helpers.ts";
@@ -60,9 +63,7 @@ Deno.test("--workers 2 share one port; SIGTERM drains both, bytes read but not y
   const rest = await readAll(conn); // to EOF
   await writing;
   conn.close();
-  const received = new Uint8Array(head.length + rest.length);
-  received.set(head);
-  received.set(rest, head.length);
+  const received = concat([head, rest]);
   const { code, stdout } = await stopped;
   assertEquals(code, 0);
   const echoed = Number(stdout.match(new RegExp(`${peer} closed, (\\d+) bytes echoed$`, "m"))?.[1]);
@@ -179,16 +180,13 @@ async function startPoolQuietly() {
   const port = freePort();
   const args = ["--port", `${port}`, "--workers", "2", "--quiet"];
   const server = ServerProcess.spawn(args, PARENT);
-  for (const end = performance.now() + 10_000; performance.now() < end;) {
-    try {
-      (await Deno.connect({ hostname: "127.0.0.1", port })).close();
-      return { server, port };
-    } catch {
-      await new Promise((resolve) => setTimeout(resolve, 50));
-    }
+  try {
+    await untilListening(port);
+  } catch (error) {
+    await server[Symbol.asyncDispose]();
+    throw error;
   }
-  await server[Symbol.asyncDispose]();
-  throw new Error("the quiet pool never listened");
+  return { server, port };
 }
 
 Deno.test("a signal while the workers start: those started drain, nothing is left holding the port", async () => {
@@ -202,12 +200,6 @@ Deno.test("a signal while the workers start: those started drain, nothing is lef
     await untilFree(port);
   }
 });
-
-/** A free loopback port (the kernel's pick, released at once). */
-function freePort(): number {
-  using listener = Deno.listen({ hostname: "127.0.0.1", port: 0 });
-  return listener.addr.port;
-}
 
 /** Waits until `port` can be listened on again; fails after 5 s. */
 async function untilFree(port: number): Promise<void> {

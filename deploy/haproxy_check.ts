@@ -4,13 +4,7 @@
 // answers with the wrong bytes, gets no clients; one that comes back gets them
 // again.
 import { assert, assertEquals } from "@std/assert";
-import { deadline, runScript, ServerProcess } from "../testing/helpers.ts";
-
-/** A free loopback port (the kernel's pick, released at once). */
-function freePort(): number {
-  using listener = Deno.listen({ hostname: "127.0.0.1", port: 0 });
-  return listener.addr.port;
-}
+import { deadline, freePort, runScript, ServerProcess } from "../testing/helpers.ts";
 
 /** HAProxy in the foreground with deploy/haproxy.cfg, its addresses from the environment. */
 class HAProxy implements AsyncDisposable {

@@ -212,6 +212,51 @@ export async function writeAll(conn: Deno.Conn, bytes: Uint8Array): Promise<void
 }
 
 /**
+ * Joins byte chunks into one array.
+ *
+ * @param chunks The chunks, in order.
+ * @returns Their bytes, one after another.
+ */
+export function concat(chunks: Uint8Array[]): Uint8Array {
+  const all = new Uint8Array(chunks.reduce((sum, chunk) => sum + chunk.length, 0));
+  let offset = 0;
+  for (const chunk of chunks) {
+    all.set(chunk, offset);
+    offset += chunk.length;
+  }
+  return all;
+}
+
+/**
+ * A free loopback TCP port: the kernel's pick, released at once.
+ *
+ * @returns The port.
+ */
+export function freePort(): number {
+  using listener = Deno.listen({ hostname: "127.0.0.1", port: 0 });
+  return listener.addr.port;
+}
+
+/**
+ * Waits until something accepts connections on `port` (a server that prints
+ * no listening line, under `--quiet`).
+ *
+ * @param port The port on 127.0.0.1.
+ * @param ms How long it may take.
+ */
+export async function untilListening(port: number, ms = STEP_TIMEOUT_MS): Promise<void> {
+  for (const end = performance.now() + ms; performance.now() < end;) {
+    try {
+      (await Deno.connect({ hostname: "127.0.0.1", port })).close();
+      return;
+    } catch {
+      await delay(50);
+    }
+  }
+  throw new Error(`nothing listening on port ${port} within ${ms} ms`);
+}
+
+/**
  * Reads until EOF, or until `limit` bytes came; fails if that takes over `ms`.
  *
  * @param conn Where to read.
@@ -234,13 +279,7 @@ export function readAll(
       chunks.push(buffer.slice(0, n));
       total += n;
     }
-    const all = new Uint8Array(total);
-    let offset = 0;
-    for (const chunk of chunks) {
-      all.set(chunk, offset);
-      offset += chunk.length;
-    }
-    return all;
+    return concat(chunks);
   })();
   const until = limit === Infinity ? "EOF" : `${limit} bytes`;
   return deadline(reading, () => `reading until ${until} (got ${total})`, ms);
