@@ -1,6 +1,6 @@
 // The coroutine layer alone: each pitfall of putting promises on a readiness
 // loop, checked so that it can fail.
-import { assert, assertEquals, assertLessOrEqual, assertRejects } from "@std/assert";
+import { assert, assertEquals, assertLessOrEqual, assertMatch, assertRejects } from "@std/assert";
 import { AsyncLoop, type Connection } from "./async_loop.ts";
 import { READ, Selector, type SelectorKey, type TraceEvent } from "./loop.ts";
 import {
@@ -241,4 +241,112 @@ Deno.test("coroutines echo datagrams whole with recvfrom() and sendto(), empty o
     assertEquals(echoed, datagram);
   }
   peer.close();
+});
+
+Deno.test("misuse and failed connections get an error at once, never a hang", async () => {
+  const loop = new AsyncLoop();
+  using listener = Deno.listen({ hostname: "127.0.0.1", port: 0 });
+  // A connection the kernel resets: its listener closes without accepting it.
+  const doomed = Deno.listen({ hostname: "127.0.0.1", port: 0 });
+  const reset = loop.adopt(await connect(doomed.addr.port));
+  const [ours, peer] = await connectedPair();
+  const conn = loop.adopt(ours);
+  await using _ = running(loop);
+
+  const accepting = loop.accept(listener);
+  await assertRejects(
+    () => deadline(loop.accept(listener), "a second accept()", 1000),
+    Error,
+    "already waiting",
+  );
+
+  // After a reset, every call gives the connection's error.
+  const receiving = loop.recv(reset);
+  doomed.close();
+  const error = await assertRejects(() => deadline(receiving, "recv() to fail"));
+  await assertRejects(
+    () => deadline(loop.send(reset, pattern(10)), "send()", 1000),
+    Deno.errors.ConnectionReset,
+  );
+  await assertRejects(
+    () => deadline(loop.drain(reset), "drain()", 1000),
+    Deno.errors.ConnectionReset,
+  );
+  assertEquals(reset.error, error);
+
+  // interrupt() ends a send() waiting for a peer that does not read; the bytes stay queued.
+  const big = pattern(32 << 20, 3);
+  const sending = loop.send(conn, big);
+  await delay(50);
+  loop.interrupt(conn);
+  await assertRejects(() => deadline(sending, "send() to be interrupted"), Deno.errors.Interrupted);
+  const reading = readAll(peer, big.length);
+  await deadline(loop.drain(conn), "the queue to drain once the peer reads");
+  assertEquals(await reading, big);
+
+  // Closed: calls are refused, and closing again does nothing.
+  await deadline(loop.close(conn), "close()");
+  await deadline(loop.close(conn), "a second close()");
+  await assertRejects(
+    () => deadline(loop.send(conn, pattern(10)), "send()", 1000),
+    Deno.errors.BadResource,
+    "send() on a closed connection",
+  );
+  await assertRejects(
+    () => deadline(loop.drain(conn), "drain()", 1000),
+    Deno.errors.BadResource,
+    "drain() on a closed connection",
+  );
+  peer.close();
+
+  // Stopped: a listener it never saw is refused too.
+  loop.stop();
+  await assertRejects(() => deadline(accepting, "accept() to stop"), Deno.errors.Interrupted);
+  using late = Deno.listen({ hostname: "127.0.0.1", port: 0 });
+  await assertRejects(
+    () => deadline(loop.accept(late), "accept()", 1000),
+    Deno.errors.Interrupted,
+    "stopped",
+  );
+  loop.abort(reset);
+});
+
+Deno.test("the trace says what each coroutine resumes with: an error, a drained send, a datagram", async () => {
+  const wakes: string[] = [];
+  const trace = (event: TraceEvent) => {
+    if (event.step === "wake") wakes.push(`${event.call}: ${event.result}`);
+  };
+  const loop = new AsyncLoop({ selector: new Selector({ trace }) });
+  const doomed = Deno.listen({ hostname: "127.0.0.1", port: 0 });
+  const reset = loop.adopt(await connect(doomed.addr.port));
+  const [ours, peer] = await connectedPair();
+  const conn = loop.adopt(ours);
+  const socket = loop.adopt(
+    Deno.listenDatagram({ transport: "udp", hostname: "127.0.0.1", port: 0 }),
+  );
+  const sender = Deno.listenDatagram({ transport: "udp", hostname: "127.0.0.1", port: 0 });
+  await using _ = running(loop);
+
+  const receiving = loop.recv(reset);
+  doomed.close();
+  await assertRejects(() => deadline(receiving, "recv() to fail"), Deno.errors.ConnectionReset);
+  const big = pattern(32 << 20, 4);
+  const sending = loop.send(conn, big); // waits: the peer reads only now
+  const reading = readAll(peer, big.length);
+  await deadline(sending, "send() once the peer reads");
+  await reading;
+  const datagram = loop.recvfrom(socket);
+  await sender.send(pattern(7), socket.resource.addr);
+  await deadline(datagram, "a datagram");
+
+  assertMatch(wakes.join("\n"), /^recv: ConnectionReset: /m);
+  assertMatch(wakes.join("\n"), /^send: written$/m);
+  const { port } = sender.addr as Deno.NetAddr;
+  assertMatch(
+    wakes.join("\n"),
+    new RegExp(`^recvfrom: 7 bytes from 127\\.0\\.0\\.1:${port}$`, "m"),
+  );
+  peer.close();
+  sender.close();
+  loop.abort(reset);
 });
