@@ -115,6 +115,25 @@ function dispatch(key: SelectorKey<Waiters>, mask: number): void {
   key.data.ready(mask);
 }
 
+/**
+ * One promise at a time whose resolve and reject are kept for the selector's
+ * dispatch to call. Its executor is made once, so a new promise costs no
+ * closure of ours.
+ */
+class Settler<T> {
+  resolve: (value: T) => void = () => {};
+  reject: (error: Error) => void = () => {};
+  readonly #executor = (resolve: (value: T) => void, reject: (error: Error) => void) => {
+    this.resolve = resolve;
+    this.reject = reject;
+  };
+
+  /** A new promise, settled by the next resolve() or reject(). */
+  promise(): Promise<T> {
+    return new Promise(this.#executor);
+  }
+}
+
 /** What waits on one registered resource, and the interest that follows it. */
 abstract class Waiters {
   /** The key in the selector; its data is this object. */
@@ -168,14 +187,8 @@ abstract class Waiters {
 class ListenerWaiters extends Waiters {
   /** True while an accept() waits. */
   #waiting = false;
-  /** The waiting accept()'s promise functions, set by #wait. */
-  #resolve: (conn: Connection) => void = () => {};
-  #reject: (error: Error) => void = () => {};
-  /** The executor of every accept() promise, made once. */
-  readonly #wait = (resolve: (conn: Connection) => void, reject: (error: Error) => void) => {
-    this.#resolve = resolve;
-    this.#reject = reject;
-  };
+  /** Settles the waiting accept(). */
+  readonly #acceptSettler = new Settler<Connection>();
   /** Makes the connections it accepts. */
   readonly #adopt: (conn: Deno.Conn) => Connection;
 
@@ -188,7 +201,7 @@ class ListenerWaiters extends Waiters {
     if (this.#waiting) {
       return Promise.reject(new Error("accept() is already waiting on this listener"));
     }
-    const accepted = new Promise(this.#wait);
+    const accepted = this.#acceptSettler.promise();
     this.#waiting = true;
     this.follow();
     return accepted;
@@ -206,17 +219,17 @@ class ListenerWaiters extends Waiters {
       conn = this.key.accept(); // should be ready
     } catch (error) {
       if (this.selector.trace) this.traceWake("accept", error);
-      return this.#reject(error as Error);
+      return this.#acceptSettler.reject(error as Error);
     }
     const connection = this.#adopt(conn);
     if (this.selector.trace) this.traceWake("accept", connection);
-    this.#resolve(connection);
+    this.#acceptSettler.resolve(connection);
   }
 
   rejectAll(error: Error): void {
     if (!this.#waiting) return;
     this.#waiting = false;
-    this.#reject(error);
+    this.#acceptSettler.reject(error);
   }
 }
 
@@ -234,24 +247,12 @@ abstract class IoWaiters<T> extends Waiters {
   #receiving = false;
   /** True after a receive got bytes: the next one is due, and READ interest stays. */
   #expecting = false;
-  /** The waiting receive's promise functions, set by #waitReceive. */
-  #resolveReceive: (value: T) => void = () => {};
-  #rejectReceive: (error: Error) => void = () => {};
-  /** The executor of every receive promise, made once per resource: none per call. */
-  readonly #waitReceive = (resolve: (value: T) => void, reject: (error: Error) => void) => {
-    this.#resolveReceive = resolve;
-    this.#rejectReceive = reject;
-  };
+  /** Settles the waiting receive. */
+  readonly #receiveSettler = new Settler<T>();
   /** The promise every send or drain waiting for the queue to empty shares, if any. */
   #drain: Promise<void> | undefined = undefined;
-  /** The drain promise's functions, set by #waitDrain. */
-  #resolveDrain: () => void = () => {};
-  #rejectDrain: (error: Error) => void = () => {};
-  /** The executor of every drain promise, made once per resource. */
-  readonly #waitDrain = (resolve: () => void, reject: (error: Error) => void) => {
-    this.#resolveDrain = resolve;
-    this.#rejectDrain = reject;
-  };
+  /** Settles the drain promise. */
+  readonly #drainSettler = new Settler<void>();
 
   /** Takes what the key received: it is READ-ready. */
   abstract take(): T;
@@ -271,7 +272,7 @@ abstract class IoWaiters<T> extends Waiters {
     if (this.#receiving) {
       return Promise.reject(new Error(`${this.call}() is already waiting here`));
     }
-    const received = new Promise(this.#waitReceive);
+    const received = this.#receiveSettler.promise();
     this.#receiving = true;
     this.key.release(); // the bytes of the last receive may be overwritten now
     this.follow();
@@ -288,7 +289,7 @@ abstract class IoWaiters<T> extends Waiters {
     if (this.key.error) return Promise.reject(this.key.error);
     if (this.key.queued === 0) return SENT;
     if (this.#drain) return this.#drain; // several may wait for the same queue
-    this.#drain = new Promise<void>(this.#waitDrain);
+    this.#drain = this.#drainSettler.promise();
     this.#drain.catch(() => {}); // a send nobody awaits must not end the process if it fails
     this.follow();
     return this.#drain;
@@ -318,14 +319,14 @@ abstract class IoWaiters<T> extends Waiters {
       this.#expecting = false;
       this.follow();
       if (this.selector.trace) this.traceWake(this.call, error);
-      return this.#rejectReceive(error as Error);
+      return this.#receiveSettler.reject(error as Error);
     }
     // No read into the bytes before the next receive: they stay valid.
     this.#expecting = this.holdsBytes(value);
     if (this.#expecting) this.key.retain();
     this.follow();
     if (this.selector.trace) this.traceWake(this.call, value);
-    this.#resolveReceive(value);
+    this.#receiveSettler.resolve(value);
   }
 
   #drained(): void {
@@ -333,8 +334,8 @@ abstract class IoWaiters<T> extends Waiters {
     this.follow();
     const { error } = this.key;
     if (this.selector.trace) this.traceWake("send", error ?? "written");
-    if (error) this.#rejectDrain(error);
-    else this.#resolveDrain();
+    if (error) this.#drainSettler.reject(error);
+    else this.#drainSettler.resolve();
   }
 
   /** Rejects a waiting receive with `error`. */
@@ -342,7 +343,7 @@ abstract class IoWaiters<T> extends Waiters {
     this.#expecting = false;
     if (this.#receiving) {
       this.#receiving = false;
-      this.#rejectReceive(error);
+      this.#receiveSettler.reject(error);
     }
     this.follow();
   }
@@ -351,7 +352,7 @@ abstract class IoWaiters<T> extends Waiters {
     this.rejectReceive(error);
     if (!this.#drain) return;
     this.#drain = undefined;
-    this.#rejectDrain(error);
+    this.#drainSettler.reject(error);
     this.follow();
   }
 }
