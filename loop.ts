@@ -650,11 +650,11 @@ abstract class Key implements SelectorKey<AnyData> {
   }
 
   retain(): void {
-    throw new TypeError("retain() needs a connection's key");
+    throw new TypeError("retain() needs a connection's or datagram socket's key");
   }
 
   release(): void {
-    throw new TypeError("release() needs a connection's key");
+    throw new TypeError("release() needs a connection's or datagram socket's key");
   }
 
   /**

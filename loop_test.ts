@@ -330,8 +330,16 @@ Deno.test("a key's methods that do not fit its resource throw a TypeError naming
   assertEquals(listening.queued, 0);
   assertThrows(() => listening.recv(), TypeError, "recv() needs a connection's key");
   assertThrows(() => listening.send(text("x")), TypeError, "send() needs a connection's key");
-  assertThrows(() => listening.retain(), TypeError, "retain() needs a connection's key");
-  assertThrows(() => listening.release(), TypeError, "release() needs a connection's key");
+  assertThrows(
+    () => listening.retain(),
+    TypeError,
+    "retain() needs a connection's or datagram socket's key",
+  );
+  assertThrows(
+    () => listening.release(),
+    TypeError,
+    "release() needs a connection's or datagram socket's key",
+  );
   assertThrows(() => conn.accept(), TypeError, "accept() needs a listener's key");
   assertThrows(() => conn.recvfrom(), TypeError, "recvfrom() needs a datagram socket's key");
   assertThrows(() => conn.sendto(text("x"), udp), TypeError, "sendto() needs a datagram");
