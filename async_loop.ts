@@ -71,12 +71,22 @@
  * @module
  */
 
-import { READ, type Resource, Selector, type SelectorKey, WRITE } from "./loop.ts";
+import {
+  type BaseSelector,
+  type ConnResource,
+  type DatagramResource,
+  type ListenerResource,
+  READ,
+  type Resource,
+  Selector,
+  type SelectorKey,
+  WRITE,
+} from "./loop.ts";
 
 /** A connection served by coroutines: pass it to the loop's recv(), send() and close(). */
 export interface Connection<T = unknown> {
-  /** The Deno connection, for its addresses and options (do not read or write it directly). */
-  readonly resource: Deno.Conn;
+  /** The connection itself, for its addresses and options (do not read or write it directly). */
+  readonly resource: ConnResource;
   /** Bytes queued by send() and not yet written. */
   readonly queued: number;
   /** The error that ended the connection, if one did (a reset, a broken pipe...). */
@@ -87,8 +97,8 @@ export interface Connection<T = unknown> {
 
 /** A datagram (UDP) socket served by coroutines: pass it to the loop's recvfrom() and sendto(). */
 export interface DatagramSocket<T = unknown> {
-  /** The Deno socket, for its address (do not receive or send on it directly). */
-  readonly resource: Deno.DatagramConn;
+  /** The socket itself, for its address (do not receive or send on it directly). */
+  readonly resource: DatagramResource;
   /** Bytes queued by sendto() and not yet sent. */
   readonly queued: number;
   /** The error that ended the socket, if one did. */
@@ -97,10 +107,40 @@ export interface DatagramSocket<T = unknown> {
   data: T;
 }
 
+/**
+ * What a coroutine resumes with, for a trace: bytes, `null` at EOF, an error,
+ * the key of the connection it accepted, a datagram and its sender, or
+ * "written" when the queue a send waited for is written.
+ */
+export type WakeResult =
+  | Uint8Array
+  | null
+  | Error
+  | SelectorKey
+  | [Uint8Array, Deno.Addr]
+  | "written";
+
+/** One wake-up, for {@linkcode AsyncLoopOptions.trace}: a coroutine waiting in `call` on `key` resumes. */
+export interface WakeEvent {
+  /** Always "wake". */
+  step: "wake";
+  /** The key of the resource the coroutine waited on. */
+  key: SelectorKey;
+  /** What it waited in: `accept`, `recv`, `recvfrom` or `send`. */
+  call: string;
+  /** What it resumes with. */
+  result: WakeResult;
+}
+
 /** Options for {@linkcode AsyncLoop}. */
 export interface AsyncLoopOptions {
-  /** The selector to run on, shared with callback code if you like. @default {new Selector()} */
-  selector?: Selector;
+  /**
+   * The selector to run on (loop.ts's, epoll.ts's...), shared with callback
+   * code if you like. @default {new Selector()}
+   */
+  selector?: BaseSelector;
+  /** Called each time a coroutine is woken, to watch it work; off by default. */
+  trace?: (event: WakeEvent) => void;
   /**
    * What to do with an error a spawned coroutine threw. @default prints it on stderr
    */
@@ -142,12 +182,13 @@ abstract class Waiters {
   #events = 0;
   /** False once closed or aborted: nothing may wait on it any more. */
   open = true;
-  /** The selector the resource is registered with. */
-  readonly selector: Selector;
 
-  constructor(selector: Selector) {
-    this.selector = selector;
-  }
+  constructor(
+    /** The selector the resource is registered with. */
+    readonly selector: BaseSelector,
+    /** The loop's trace function, if any. */
+    readonly trace: ((event: WakeEvent) => void) | undefined,
+  ) {}
 
   /** Called by the selector's dispatch with the ready events. */
   abstract ready(mask: number): void;
@@ -155,23 +196,6 @@ abstract class Waiters {
   abstract wanted(): number;
   /** Rejects every waiting coroutine with `error`. */
   abstract rejectAll(error: Error): void;
-
-  /** Traces the wake-up of a coroutine waiting in `call`; call it only when tracing is on. */
-  traceWake(call: string, result: unknown): void {
-    const trace = this.selector.trace!;
-    const shown = result === null
-      ? "EOF"
-      : result instanceof Uint8Array
-      ? `${result.length} bytes`
-      : result instanceof Error
-      ? `${result.name}: ${result.message}`
-      : result instanceof ConnectionWaiters
-      ? result.key
-      : Array.isArray(result)
-      ? `${result[0].length} bytes from ${describeAddr(result[1])}`
-      : String(result);
-    trace({ step: "wake", key: this.key, call, result: shown });
-  }
 
   /** Registers interest in exactly the events waited for. */
   follow(): void {
@@ -190,10 +214,14 @@ class ListenerWaiters extends Waiters {
   /** Settles the waiting accept(). */
   readonly #acceptSettler = new Settler<Connection>();
   /** Makes the connections it accepts. */
-  readonly #adopt: (conn: Deno.Conn) => Connection;
+  readonly #adopt: (conn: ConnResource) => Connection;
 
-  constructor(selector: Selector, adopt: (conn: Deno.Conn) => Connection) {
-    super(selector);
+  constructor(
+    selector: BaseSelector,
+    trace: ((event: WakeEvent) => void) | undefined,
+    adopt: (conn: ConnResource) => Connection,
+  ) {
+    super(selector, trace);
     this.#adopt = adopt;
   }
 
@@ -214,15 +242,16 @@ class ListenerWaiters extends Waiters {
   ready(_mask: number): void {
     this.#waiting = false;
     this.follow();
-    let conn: Deno.Conn;
+    let conn: ConnResource;
     try {
       conn = this.key.accept(); // should be ready
     } catch (error) {
-      if (this.selector.trace) this.traceWake("accept", error);
+      this.trace?.({ step: "wake", key: this.key, call: "accept", result: error as Error });
       return this.#acceptSettler.reject(error as Error);
     }
     const connection = this.#adopt(conn);
-    if (this.selector.trace) this.traceWake("accept", connection);
+    const result = (connection as ConnectionWaiters).key;
+    this.trace?.({ step: "wake", key: this.key, call: "accept", result });
     this.#acceptSettler.resolve(connection);
   }
 
@@ -318,14 +347,14 @@ abstract class IoWaiters<T> extends Waiters {
     } catch (error) {
       this.#expecting = false;
       this.follow();
-      if (this.selector.trace) this.traceWake(this.call, error);
+      this.trace?.({ step: "wake", key: this.key, call: this.call, result: error as Error });
       return this.#receiveSettler.reject(error as Error);
     }
     // No read into the bytes before the next receive: they stay valid.
     this.#expecting = this.holdsBytes(value);
     if (this.#expecting) this.key.retain();
     this.follow();
-    if (this.selector.trace) this.traceWake(this.call, value);
+    this.trace?.({ step: "wake", key: this.key, call: this.call, result: value as WakeResult });
     this.#receiveSettler.resolve(value);
   }
 
@@ -333,7 +362,7 @@ abstract class IoWaiters<T> extends Waiters {
     this.#drain = undefined;
     this.follow();
     const { error } = this.key;
-    if (this.selector.trace) this.traceWake("send", error ?? "written");
+    this.trace?.({ step: "wake", key: this.key, call: "send", result: error ?? "written" });
     if (error) this.#drainSettler.reject(error);
     else this.#drainSettler.resolve();
   }
@@ -361,8 +390,8 @@ abstract class IoWaiters<T> extends Waiters {
 class ConnectionWaiters extends IoWaiters<Uint8Array | null> implements Connection {
   readonly call = "recv";
 
-  get resource(): Deno.Conn {
-    return this.key.resource as Deno.Conn;
+  get resource(): ConnResource {
+    return this.key.resource as ConnResource;
   }
 
   take(): Uint8Array | null {
@@ -388,8 +417,8 @@ class ConnectionWaiters extends IoWaiters<Uint8Array | null> implements Connecti
 class DatagramWaiters extends IoWaiters<[Uint8Array, Deno.Addr]> implements DatagramSocket {
   readonly call = "recvfrom";
 
-  get resource(): Deno.DatagramConn {
-    return this.key.resource as Deno.DatagramConn;
+  get resource(): DatagramResource {
+    return this.key.resource as DatagramResource;
   }
 
   take(): [Uint8Array, Deno.Addr] {
@@ -416,11 +445,6 @@ function waitersOf(handle: Connection | DatagramSocket): IoWaiters<unknown> {
   return handle as unknown as IoWaiters<unknown>;
 }
 
-/** `host:port` of an address, for traces. */
-function describeAddr(addr: Deno.Addr): string {
-  return "hostname" in addr ? `${addr.hostname}:${addr.port}` : addr.transport;
-}
-
 function closedError(call: string): Error {
   return new Deno.errors.BadResource(`${call} on a closed connection`);
 }
@@ -435,7 +459,9 @@ function interrupted(why: string): Error {
  */
 export class AsyncLoop {
   /** The selector it runs on. */
-  readonly selector: Selector;
+  readonly selector: BaseSelector;
+  /** The trace function of the options, if any. */
+  readonly #trace: ((event: WakeEvent) => void) | undefined;
   /** Every registered resource's waiters, to reject them when the loop stops. */
   readonly #registered = new Set<Waiters>();
   /** What handles a spawned coroutine's error. */
@@ -450,6 +476,7 @@ export class AsyncLoop {
    */
   constructor(options: AsyncLoopOptions = {}) {
     this.selector = options.selector ?? new Selector();
+    this.#trace = options.trace;
     this.#onError = options.onError ??
       ((error) => console.error(`a coroutine failed: ${error}`));
   }
@@ -462,11 +489,11 @@ export class AsyncLoop {
    * @throws What accepting failed with (e.g. "Too many open files": call again,
    *   loop.ts backs off); `Deno.errors.Interrupted` when the loop stops.
    */
-  accept(listener: Deno.Listener): Promise<Connection> {
+  accept(listener: ListenerResource): Promise<Connection> {
     let waiters = this.selector.getKey(listener)?.data as ListenerWaiters | undefined;
     if (!waiters) {
       if (this.#stopped) return Promise.reject(interrupted("the loop is stopped"));
-      waiters = new ListenerWaiters(this.selector, this.#adopt);
+      waiters = new ListenerWaiters(this.selector, this.#trace, this.#adopt);
       this.#register(waiters, listener);
     }
     return waiters.accept();
@@ -479,17 +506,17 @@ export class AsyncLoop {
    * @param resource The connection or socket.
    * @returns It, ready for recv() and send(), or recvfrom() and sendto().
    */
-  adopt(resource: Deno.Conn): Connection;
+  adopt(resource: ConnResource): Connection;
   /**
    * Registers a datagram socket from `Deno.listenDatagram()`.
    *
    * @param resource The socket.
    * @returns It, ready for recvfrom() and sendto().
    */
-  adopt(resource: Deno.DatagramConn): DatagramSocket;
-  adopt(resource: Deno.Conn | Deno.DatagramConn): Connection | DatagramSocket {
-    if ("read" in resource) return this.#adopt(resource);
-    const waiters = new DatagramWaiters(this.selector);
+  adopt(resource: DatagramResource): DatagramSocket;
+  adopt(resource: ConnResource | DatagramResource): Connection | DatagramSocket {
+    if ("remoteAddr" in resource) return this.#adopt(resource);
+    const waiters = new DatagramWaiters(this.selector, this.#trace);
     this.#register(waiters, resource);
     return waiters;
   }
@@ -593,11 +620,11 @@ export class AsyncLoop {
    *
    * @param conn The connection, datagram socket or listener.
    */
-  abort(conn: Connection | DatagramSocket | Deno.Listener): void {
+  abort(conn: Connection | DatagramSocket | ListenerResource): void {
     const waiters = "data" in conn
       ? waitersOf(conn)
       : this.selector.getKey(conn)?.data as Waiters | undefined;
-    const resource = waiters?.key.resource ?? conn as Deno.Listener;
+    const resource = waiters?.key.resource ?? conn as ListenerResource;
     if (waiters?.open) {
       waiters.open = false;
       waiters.rejectAll(interrupted("closed"));
@@ -657,8 +684,8 @@ export class AsyncLoop {
     this.#registered.add(waiters);
   }
 
-  readonly #adopt = (conn: Deno.Conn): Connection => {
-    const waiters = new ConnectionWaiters(this.selector);
+  readonly #adopt = (conn: ConnResource): Connection => {
+    const waiters = new ConnectionWaiters(this.selector, this.#trace);
     this.#register(waiters, conn);
     return waiters;
   };

@@ -1,7 +1,8 @@
 // The coroutine layer alone: each pitfall of putting promises on a readiness
 // loop, checked so that it can fail.
 import { assert, assertEquals, assertLessOrEqual, assertMatch, assertRejects } from "@std/assert";
-import { AsyncLoop, type Connection } from "./async_loop.ts";
+import { AsyncLoop, type Connection, type WakeEvent } from "./async_loop.ts";
+import { formatTrace } from "./trace.ts";
 import { READ, Selector, type SelectorKey, type TraceEvent } from "./loop.ts";
 import {
   connect,
@@ -313,10 +314,8 @@ Deno.test("misuse and failed connections get an error at once, never a hang", as
 
 Deno.test("the trace says what each coroutine resumes with: an error, a drained send, a datagram", async () => {
   const wakes: string[] = [];
-  const trace = (event: TraceEvent) => {
-    if (event.step === "wake") wakes.push(`${event.call}: ${event.result}`);
-  };
-  const loop = new AsyncLoop({ selector: new Selector({ trace }) });
+  const trace = (event: WakeEvent) => wakes.push(formatTrace(event).trim());
+  const loop = new AsyncLoop({ trace });
   const doomed = Deno.listen({ hostname: "127.0.0.1", port: 0 });
   const reset = loop.adopt(await connect(doomed.addr.port));
   const [ours, peer] = await connectedPair();
@@ -339,12 +338,12 @@ Deno.test("the trace says what each coroutine resumes with: an error, a drained 
   await sender.send(pattern(7), socket.resource.addr);
   await deadline(datagram, "a datagram");
 
-  assertMatch(wakes.join("\n"), /^recv: ConnectionReset: /m);
-  assertMatch(wakes.join("\n"), /^send: written$/m);
+  assertMatch(wakes.join("\n"), /^→ recv\(\) on conn \S+ resumes: ConnectionReset: /m);
+  assertMatch(wakes.join("\n"), /^→ send\(\) on conn \S+ resumes: written$/m);
   const { port } = sender.addr as Deno.NetAddr;
   assertMatch(
     wakes.join("\n"),
-    new RegExp(`^recvfrom: 7 bytes from 127\\.0\\.0\\.1:${port}$`, "m"),
+    new RegExp(`^→ recvfrom\\(\\) on udp \\S+ resumes: 7 bytes from 127\\.0\\.0\\.1:${port}$`, "m"),
   );
   peer.close();
   sender.close();

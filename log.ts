@@ -61,3 +61,18 @@ export function logTo(format: LogFormat, fields: Record<string, unknown> = {}): 
 export function plural(n: number, noun: string): string {
   return `${n} ${noun}${n === 1 ? "" : "s"}`;
 }
+
+/**
+ * An error as a short phrase for a log line: its class name, if it has its
+ * own, and its message.
+ *
+ * @param error What was thrown.
+ * @returns For example "ConnectionReset: Connection reset by peer (os error 104)".
+ */
+export function describeError(error: unknown): string {
+  if (error instanceof Error) {
+    const known = error.name !== "Error" ? `${error.name}: ` : "";
+    return `${known}${error.message}`;
+  }
+  return String(error);
+}

@@ -27,10 +27,10 @@
  * when the selector is closed or no resource is left.
  *
  * The file reads top-down: §1 the public API, §2 the core (the ready list and
- * the keys), §3 fairness under saturation. §3 is optional: delete it and every
- * line marked `// fairness`, and the core still works, only less fairly when
- * the process saturates its CPU. This file imports nothing: copy it into your
- * project as it is.
+ * the keys). It imports nothing: copy it into your project as it is. When
+ * more reads are ready at once than Deno serves per turn, some connections can
+ * wait long for theirs; fairness.ts is a plug-in that prevents it
+ * (`new Selector({ readGate: new Fairness() })`).
  *
  * @example An echo server, and one client to try it
  * ```ts
@@ -90,8 +90,42 @@ export const READ = 1;
 /** Interest in, and readiness for, writing: everything queued with `send()` has been written. */
 export const WRITE = 2;
 
-/** What can be registered: a listener (READ only), a connection, or a datagram socket (UDP). */
-export type Resource = Deno.Listener | Deno.Conn | Deno.DatagramConn;
+/** A listener, as a selector's users see it: `Deno.Listener` is one. */
+export interface ListenerResource {
+  /** The address it listens on. */
+  readonly addr: Deno.Addr;
+  /** Closes it. */
+  close(): void;
+}
+
+/** A connection (TCP or Unix), as a selector's users see it: `Deno.Conn` is one. */
+export interface ConnResource {
+  /** Our end's address. */
+  readonly localAddr: Deno.Addr;
+  /** The peer's address. */
+  readonly remoteAddr: Deno.Addr;
+  /** Closes it. */
+  close(): void;
+  /** Half-closes it: the peer reads EOF, and we can still read. */
+  closeWrite(): Promise<void>;
+  /** TCP only: sends small writes at once instead of waiting ~40 ms to merge them (Nagle). */
+  setNoDelay?(noDelay?: boolean): void;
+}
+
+/** A datagram (UDP) socket, as a selector's users see it: `Deno.DatagramConn` is one. */
+export interface DatagramResource {
+  /** The address it is bound to. */
+  readonly addr: Deno.Addr;
+  /** Closes it. */
+  close(): void;
+}
+
+/**
+ * What can be registered: a listener (READ only), a connection, or a datagram
+ * socket. This selector takes Deno's own (`Deno.listen`, `Deno.connect`,
+ * `Deno.listenDatagram`); another selector takes sockets of its own kind.
+ */
+export type Resource = ListenerResource | ConnResource | DatagramResource;
 
 /** Called by {@linkcode Selector.run} for each ready key, with the ready events. */
 export type Callback<T = unknown> = (key: SelectorKey<T>, mask: number) => void;
@@ -101,7 +135,7 @@ export type ReadyEvent = [key: SelectorKey, mask: number];
 
 /** A registered resource: what it is, what it waits for, and its I/O. */
 export interface SelectorKey<T = unknown> {
-  /** The registered listener or connection (Python's `fileobj`). */
+  /** The registered listener, connection or datagram socket (Python's `fileobj`). */
   readonly resource: Resource;
   /** The events of interest: a mix of {@linkcode READ} and {@linkcode WRITE}. */
   readonly events: number;
@@ -112,7 +146,7 @@ export interface SelectorKey<T = unknown> {
   callback(key: SelectorKey<T>, mask: number): void;
   /** Anything you attach to the key. */
   data: T;
-  /** Bytes queued by `send()` and not yet written. */
+  /** Bytes queued by `send()` or `sendto()` and not yet written. */
   readonly queued: number;
   /** The error that ended this connection, if one did (a reset, a broken pipe...). */
   readonly error: Error | undefined;
@@ -124,7 +158,7 @@ export interface SelectorKey<T = unknown> {
    *   dispatcher retries, backing off while the process is out of descriptors.
    *   A peer that left before it was accepted is skipped, never reported.
    */
-  accept(): Deno.Conn;
+  accept(): ConnResource;
   /**
    * Takes the bytes a connection key received. Call it when the key is READ-ready.
    * The bytes stay valid until the next `select()`, or until they are written if
@@ -134,6 +168,15 @@ export interface SelectorKey<T = unknown> {
    * @throws The error the connection failed with (`Deno.errors.ConnectionReset`...).
    */
   recv(): Uint8Array | null;
+  /**
+   * Queues bytes to be written; the dispatcher writes every one of them, in order.
+   * Do not modify them until they are written. While more than the high-water
+   * mark is queued, reading pauses; it resumes at the low-water mark.
+   *
+   * @param bytes The bytes to write.
+   * @throws The error the connection failed with, if it failed.
+   */
+  send(bytes: Uint8Array): void;
   /**
    * Takes the datagram a datagram key received, whole, and its sender (Python's
    * `recvfrom`). Call it when the key is READ-ready. The bytes stay valid as
@@ -153,22 +196,14 @@ export interface SelectorKey<T = unknown> {
    */
   sendto(bytes: Uint8Array, addr: Deno.Addr): void;
   /**
-   * Keeps the bytes the last `recv()` returned valid past the next `select()`:
-   * the key starts no read into its buffer until {@linkcode SelectorKey.release}.
-   * For code that hands the bytes on, e.g. to a coroutine (async_loop.ts).
+   * Keeps the bytes the last `recv()` or `recvfrom()` returned valid past the
+   * next `select()`: the key reads nothing into its buffer, and so reports no
+   * READ, until {@linkcode SelectorKey.release}. For code that hands the bytes
+   * on, e.g. to a coroutine (async_loop.ts).
    */
   retain(): void;
   /** Ends a `retain()`: the key may read into its buffer again. */
   release(): void;
-  /**
-   * Queues bytes to be written; the dispatcher writes every one of them, in order.
-   * Do not modify them until they are written. While more than the high-water
-   * mark is queued, reading pauses; it resumes at the low-water mark.
-   *
-   * @param bytes The bytes to write.
-   * @throws The error the connection failed with, if it failed.
-   */
-  send(bytes: Uint8Array): void;
 }
 
 /**
@@ -183,17 +218,36 @@ export type TraceEvent =
   /** Backpressure: more than the high-water mark is queued, so the key stops reading. */
   | { step: "pause"; key: SelectorKey }
   /** Backpressure: the queue is down to the low-water mark, so the key reads again. */
-  | { step: "resume"; key: SelectorKey }
-  /** Fairness: reads are starving, so new reads are throttled until they are served. */
-  | { step: "throttle"; starving: number }
-  /** Fairness: the throttle ends. */
-  | { step: "unthrottle" }
+  | { step: "resume"; key: SelectorKey };
+
+/** A connection key's next read, as a {@linkcode ReadGate} sees it. */
+export interface GatedRead {
+  /** Starts the read the gate held back, if the key still wants one. */
+  startNext(): void;
+  /** The gate's own note on this read while it is pending (undefined when it has none). */
+  gateNote: unknown;
+}
+
+/**
+ * A plug-in that decides when connections' reads start: fairness.ts is one.
+ * The selector calls it at these points, and at none when no gate is attached.
+ */
+export interface ReadGate {
   /**
-   * Code built on the selector (async_loop.ts) woke a coroutine waiting in
-   * `call` on this key; `result` says what it got: "5 bytes", "EOF", an error,
-   * or the key of the connection it accepted.
+   * A connection's read is about to start.
+   *
+   * @returns Whether it may start now; if not, the gate calls `read.startNext()` later.
    */
-  | { step: "wake"; key: SelectorKey; call: string; result: string | SelectorKey };
+  admit(read: GatedRead): boolean;
+  /** The read `admit()` let start has completed, or failed. */
+  readDone(read: GatedRead): void;
+  /** A connection's write has completed. */
+  writeDone(): void;
+  /** select() has collected the ready keys, at `now` (performance.now()). */
+  selected(now: number): void;
+  /** The selector is closing. */
+  close(): void;
+}
 
 /** Options for {@linkcode Selector}. */
 export interface SelectorOptions {
@@ -203,6 +257,8 @@ export interface SelectorOptions {
   lowWaterMark?: number;
   /** Called at each step of the loop, to watch it work; off by default, and then free. */
   trace?: (event: TraceEvent) => void;
+  /** Decides when connections' reads start (e.g. fairness.ts); none by default. */
+  readGate?: ReadGate;
 }
 
 /**
@@ -216,8 +272,6 @@ export class Selector {
   readonly highWaterMark: number;
   /** Queued bytes at or below which it reads again. */
   readonly lowWaterMark: number;
-  /** The trace function of the options, if any; code built on the selector traces through it too. */
-  readonly trace: ((event: TraceEvent) => void) | undefined;
   /** Every registered resource's key: for getKey(), modify(), unregister() and close(). */
   readonly #keys = new Map<Resource, Key>();
   /** What the keys share: the ready list, the wake-up, the water marks. */
@@ -234,10 +288,10 @@ export class Selector {
   /**
    * Creates a selector.
    *
-   * @param options Backpressure thresholds for `send()`, and a trace function.
+   * @param options Backpressure thresholds for `send()`, a trace function, a read gate.
    */
   constructor(options: SelectorOptions = {}) {
-    const { highWaterMark = 64 * 1024, lowWaterMark = 16 * 1024, trace } = options;
+    const { highWaterMark = 64 * 1024, lowWaterMark = 16 * 1024, trace, readGate } = options;
     if (!(lowWaterMark >= 0 && highWaterMark >= lowWaterMark)) {
       throw new RangeError(
         `Water marks must satisfy 0 <= low <= high: got low ${lowWaterMark}, high ${highWaterMark}`,
@@ -245,8 +299,7 @@ export class Selector {
     }
     this.highWaterMark = highWaterMark;
     this.lowWaterMark = lowWaterMark;
-    this.trace = trace;
-    this.#core = new SelectorCore(highWaterMark, lowWaterMark, trace);
+    this.#core = new SelectorCore(highWaterMark, lowWaterMark, trace, readGate);
   }
 
   /** How many resources are registered. */
@@ -267,8 +320,8 @@ export class Selector {
    * Starts watching a resource. With READ interest the dispatcher starts an
    * accept (listener) or a read (connection) right away.
    *
-   * @param resource A listener or a connection.
-   * @param events {@linkcode READ}, {@linkcode WRITE} (connections), both, or 0.
+   * @param resource A listener, a connection or a datagram socket.
+   * @param events {@linkcode READ}, {@linkcode WRITE} (not for listeners), both, or 0.
    * @param callback What {@linkcode Selector.run} calls when the key is ready.
    * @param data Anything to attach to the key.
    * @returns The new key.
@@ -285,14 +338,15 @@ export class Selector {
       throw new Error("Cannot register: the resource is already registered");
     }
     const interest = checkEvents(resource, events);
+    const core = this.#core;
     const key = "read" in resource
-      ? new ConnKey(resource, interest, callback, data, this.#core)
+      ? new ConnKey(resource as Deno.Conn, interest, callback, data, core)
       : "receive" in resource
-      ? new DatagramKey(resource, interest, callback, data, this.#core)
-      : new ListenerKey(resource, interest, callback, data, this.#core);
+      ? new DatagramKey(resource as Deno.DatagramConn, interest, callback, data, core)
+      : new ListenerKey(resource as Deno.Listener, interest, callback, data, core);
     this.#keys.set(resource, key);
     key.startNext();
-    this.#core.markReady(key);
+    core.markReady(key);
     return key;
   }
 
@@ -378,7 +432,7 @@ export class Selector {
    */
   async run(): Promise<void> {
     this.#enter();
-    const { trace } = this;
+    const { trace } = this.#core;
     try {
       while (!this.#closed && this.#keys.size > 0) {
         const waiting = this.#prepare(undefined); // select(), without a promise of its own
@@ -412,7 +466,7 @@ export class Selector {
       }
     }
     this.#keys.clear();
-    this.#core.fairness.stop(); // fairness
+    this.#core.gate?.close();
     this.#core.wakeUp();
   }
 
@@ -436,10 +490,11 @@ export class Selector {
 
   /** What select() does once it has waited: takes the ready keys. */
   #collect(): ReadyEvent[] {
-    const events = this.#core.collect(this.#events);
+    const core = this.#core;
+    const events = core.collect(this.#events);
     this.#now = performance.now();
-    this.#core.fairness.check(this.#now); // fairness
-    if (this.trace) this.trace({ step: "select", ready: events });
+    core.gate?.selected(this.#now);
+    core.trace?.({ step: "select", ready: events });
     return events;
   }
 
@@ -450,9 +505,29 @@ export class Selector {
   }
 }
 
+/**
+ * What every selector offers, as Python's `BaseSelector` states it once for
+ * all of them: the public API of {@linkcode Selector}. Code written against
+ * it (async_loop.ts, the server) runs on any selector; epoll.ts is another.
+ */
+export type BaseSelector = Pick<
+  Selector,
+  | "highWaterMark"
+  | "lowWaterMark"
+  | "size"
+  | "now"
+  | "register"
+  | "modify"
+  | "unregister"
+  | "getKey"
+  | "select"
+  | "run"
+  | "close"
+>;
+
 /** Checks an interest mask: READ and WRITE bits only, READ only for a listener. */
 function checkEvents(resource: Resource, events: number): number {
-  const isListener = !("read" in resource) && !("receive" in resource);
+  const isListener = !("remoteAddr" in resource) && !("receive" in resource);
   const valid = isListener ? READ : READ | WRITE;
   if (!Number.isInteger(events) || (events & ~valid) !== 0) {
     throw new RangeError(
@@ -478,14 +553,6 @@ function checkEvents(resource: Resource, events: number): number {
  * the next `select()`, as a level-triggered selector reports it again.
  */
 class SelectorCore {
-  /** Queued bytes above which a connection stops reading (backpressure). */
-  readonly highWaterMark: number;
-  /** Queued bytes at or below which a paused connection reads again. */
-  readonly lowWaterMark: number;
-  /** The selector's trace function, if any: keys report backpressure through it. */
-  readonly trace: ((event: TraceEvent) => void) | undefined;
-  /** Decides when reads may start; see §3. */
-  readonly fairness: Fairness; // fairness
   /** Keys that may be ready, each once: what the next select() looks at. */
   #ready: Key[] = [];
   /** The previous ready array, swapped in by collect() so that no turn allocates. */
@@ -496,15 +563,15 @@ class SelectorCore {
   #wake: (() => void) | undefined = undefined;
 
   constructor(
-    highWaterMark: number,
-    lowWaterMark: number,
-    trace: ((event: TraceEvent) => void) | undefined,
-  ) {
-    this.highWaterMark = highWaterMark;
-    this.lowWaterMark = lowWaterMark;
-    this.trace = trace;
-    this.fairness = new Fairness(trace); // fairness
-  }
+    /** Queued bytes above which a connection stops reading (backpressure). */
+    readonly highWaterMark: number,
+    /** Queued bytes at or below which a paused connection reads again. */
+    readonly lowWaterMark: number,
+    /** The selector's trace function, if any: keys report backpressure through it. */
+    readonly trace: ((event: TraceEvent) => void) | undefined,
+    /** The plug-in that decides when reads start, if any. */
+    readonly gate: ReadGate | undefined,
+  ) {}
 
   /** How many keys are on the ready list. */
   get readyCount(): number {
@@ -585,12 +652,8 @@ class SelectorCore {
 // deno-lint-ignore no-explicit-any
 type AnyData = any;
 
-/** What listener and connection keys share; the implementation of SelectorKey. */
+/** What every key shares; the implementation of SelectorKey. */
 abstract class Key implements SelectorKey<AnyData> {
-  readonly resource: Resource;
-  events: number;
-  callback: Callback<AnyData>;
-  data: AnyData;
   error: Error | undefined = undefined;
   /** The `[key, mask]` pair select() reports for this key, made once and reused. */
   readonly event: ReadyEvent;
@@ -600,21 +663,15 @@ abstract class Key implements SelectorKey<AnyData> {
   registered = true;
   /** True from the select() that reported the key (or from recv()) to the next select(). */
   pinned = false;
-  /** The ready list and what else the selector's keys share. */
-  protected readonly core: SelectorCore;
 
   constructor(
-    resource: Resource,
-    events: number,
-    callback: Callback<AnyData>,
-    data: AnyData,
-    core: SelectorCore,
+    readonly resource: Resource,
+    public events: number,
+    public callback: Callback<AnyData>,
+    public data: AnyData,
+    /** The ready list and what else the selector's keys share. */
+    protected readonly core: SelectorCore,
   ) {
-    this.resource = resource;
-    this.events = events;
-    this.callback = callback;
-    this.data = data;
-    this.core = core;
     this.event = [this, 0];
   }
 
@@ -629,7 +686,7 @@ abstract class Key implements SelectorKey<AnyData> {
     return 0;
   }
 
-  accept(): Deno.Conn {
+  accept(): ConnResource {
     throw new TypeError("accept() needs a listener's key");
   }
 
@@ -772,13 +829,68 @@ class ListenerKey extends Key {
 }
 
 /**
- * Read sizes. V8 zero-fills every buffer, so each one is resident memory: an
- * idle connection waits on MIN_READ bytes. A read that fills its buffer makes
- * the next one 4 times larger, up to MAX_READ; a read of a sixteenth or less
- * drops it back to MIN_READ.
+ * Bytes waiting to be written, in order: a connection's chunks, or a datagram
+ * socket's datagrams with their addresses. One array with a moving head, since
+ * shifting the array on each write would cost O(n).
  */
-const MIN_READ = 256;
-const MAX_READ = 64 * 1024;
+class SendQueue {
+  /** The chunks, from #head on; those before are written. */
+  #chunks: (Uint8Array | undefined)[] = [];
+  /** Each datagram's address, at its chunk's index (datagram sockets only). */
+  #to: (Deno.Addr | undefined)[] = [];
+  #head = 0;
+  /** Bytes in the queue. */
+  bytes = 0;
+
+  /** Chunks in the queue, the one being written included. */
+  get length(): number {
+    return this.#chunks.length - this.#head;
+  }
+
+  /** The chunk to write next. */
+  get first(): Uint8Array {
+    return this.#chunks[this.#head]!;
+  }
+
+  /** The address of the datagram to send next. */
+  get firstTo(): Deno.Addr {
+    return this.#to[this.#head]!;
+  }
+
+  /** Adds a chunk, and for a datagram its address (then every chunk has one). */
+  push(chunk: Uint8Array, to?: Deno.Addr): void {
+    this.#chunks.push(chunk);
+    if (to) this.#to.push(to);
+    this.bytes += chunk.byteLength;
+  }
+
+  /** `n` bytes of the first chunk are written: keeps the rest, or removes it and returns it. */
+  written(n: number): Uint8Array | undefined {
+    const chunk = this.#chunks[this.#head]!;
+    this.bytes -= n;
+    if (n < chunk.byteLength) {
+      this.#chunks[this.#head] = chunk.subarray(n); // a partial write: go on with the rest
+      return undefined;
+    }
+    this.#chunks[this.#head] = undefined;
+    if (this.#to.length > 0) this.#to[this.#head] = undefined;
+    if (++this.#head === this.#chunks.length) {
+      this.#chunks.length = this.#to.length = this.#head = 0;
+    }
+    return chunk;
+  }
+
+  /** Empties the queue, except the first chunk if `keepFirst` (its write is in flight). */
+  drop(keepFirst: boolean, dropped: (chunk: Uint8Array) => void): void {
+    const from = keepFirst ? this.#head + 1 : this.#head;
+    for (let i = from; i < this.#chunks.length; i++) dropped(this.#chunks[i]!);
+    if (keepFirst) {
+      this.#chunks.length = from;
+      if (this.#to.length > from) this.#to.length = from;
+    } else this.#chunks.length = this.#to.length = this.#head = 0;
+    this.bytes = 0;
+  }
+}
 
 /**
  * Zero-copy echo. recv() hands out the key's read buffer itself, not a copy, so
@@ -791,101 +903,147 @@ const MAX_READ = 64 * 1024;
 const lenders = new WeakMap<ArrayBufferLike, BufferedKey>();
 
 /**
- * What connection and datagram keys share: the zero-copy echo (a read buffer
- * lent while its bytes wait in a send queue, or retained) and backpressure on
- * the send queue.
+ * What connection and datagram keys share: a read buffer lent while its bytes
+ * wait in a send queue or are retained, and the send queue, written one chunk
+ * at a time, with backpressure.
  */
 abstract class BufferedKey extends Key {
   /** The read buffer: recv() and recvfrom() hand out views of it (see `lenders`). */
   protected buf: Uint8Array | undefined = undefined;
-  /** Bytes in the send queue. */
-  #queued = 0;
+  /** What send() or sendto() queued and is not yet written. */
+  protected readonly queue = new SendQueue();
+  /** True while a write of the queue's first chunk is pending: one at a time, in order. */
+  protected writing = false;
   /** Backpressure: true from above the high-water mark until back at the low-water mark. */
   #paused = false;
-  /** Views of `buf` waiting in some send queue, plus one while retained: no read while any. */
-  #lent = 0;
+  /** Views of `buf` lent out: waiting in some send queue, plus one while retained. No read while any. */
+  #loans = 0;
   /** True between retain() and release(). */
   #retained = false;
 
   override get queued(): number {
-    return this.#queued;
+    return this.queue.bytes;
   }
 
   /** Whether no read may start now: the buffer is lent or retained, or backpressure pauses reading. */
   protected get blocked(): boolean {
-    return this.#lent > 0 || this.#paused;
+    return this.#loans > 0 || this.#paused;
+  }
+
+  /** Writes the queue's first chunk; resolves with the bytes written. */
+  protected abstract write(): Promise<number>;
+  /** Whether a failed write ends the key (a connection's does; a datagram is just dropped). */
+  protected abstract fatal(error: Error): boolean;
+
+  /** Makes the read buffer, of `size` bytes, if it has another size. */
+  protected bufferOf(size: number): Uint8Array {
+    if (this.buf?.byteLength !== size) {
+      this.buf = new Uint8Array(size);
+      lenders.set(this.buf.buffer, this);
+    }
+    return this.buf;
   }
 
   override retain(): void {
     if (this.#retained) return;
     this.#retained = true;
-    this.lent(1);
+    this.countLoans(1);
   }
 
   override release(): void {
     if (!this.#retained) return;
     this.#retained = false;
-    this.lent(-1);
+    this.countLoans(-1);
   }
 
-  /** Counts views of this key's buffer entering (+1) or leaving (-1) a send queue. */
-  lent(delta: number): void {
-    this.#lent += delta;
-    if (this.#lent === 0) this.startNext();
-  }
-
-  /** Counts bytes entering the send queue, and lends them; pauses reading above the high-water mark. */
-  protected enqueued(bytes: Uint8Array): void {
-    this.lend(bytes, 1);
-    this.#queued += bytes.byteLength;
-    if (this.#queued > this.core.highWaterMark && !this.#paused) {
+  /** Queues a chunk (with its address, for a datagram); pauses reading above the high-water mark. */
+  protected enqueue(bytes: Uint8Array, to?: Deno.Addr): void {
+    this.#loan(bytes, 1);
+    this.queue.push(bytes, to);
+    if (this.queue.bytes > this.core.highWaterMark && !this.#paused) {
       this.#paused = true;
       this.core.trace?.({ step: "pause", key: this });
     }
+    if (!this.writing) this.#writeNext();
   }
 
-  /** Counts `n` bytes sent; reading resumes at the low-water mark. */
-  protected sent(n: number): void {
-    this.#queued -= n;
-    if (this.#paused && this.#queued <= this.core.lowWaterMark) {
+  /** Drops the queue: nothing more will be written (a write in flight returns its chunk later). */
+  protected dropQueue(): void {
+    this.queue.drop(this.writing, this.#returnChunk);
+  }
+
+  #writeNext(): void {
+    this.writing = true;
+    this.write().then(this.#onWrite, this.#onWriteError);
+  }
+
+  #onWrite = (n: number): void => {
+    this.writing = false;
+    this.core.gate?.writeDone();
+    const queue = this.queue;
+    if (!this.registered) return this.#loan(queue.first, -1); // dropped but for this chunk
+    const chunk = queue.written(n);
+    if (chunk) this.#loan(chunk, -1);
+    if (this.#paused && queue.bytes <= this.core.lowWaterMark) {
       this.#paused = false;
       this.core.trace?.({ step: "resume", key: this });
       this.startNext();
     }
+    if (queue.length > 0) this.#writeNext();
+    else if (this.events & WRITE) this.core.markReady(this);
+  };
+
+  #onWriteError = (error: Error): void => {
+    if (!this.fatal(error) || !this.registered) return this.#onWrite(this.queue.first.byteLength);
+    this.writing = false;
+    this.#loan(this.queue.written(this.queue.first.byteLength)!, -1);
+    this.dropQueue(); // nothing more can be written
+    this.fail(error);
+  };
+
+  /** The key has failed for good: it reports the error, as READ and WRITE. */
+  protected fail(error: Error): void {
+    this.error ??= error;
+    this.core.markReady(this);
   }
 
-  /** The send queue was dropped: nothing is queued any more. */
-  protected emptied(): void {
-    this.#queued = 0;
+  #returnChunk = (chunk: Uint8Array): void => this.#loan(chunk, -1);
+
+  /** Tells the key whose buffer `bytes` come from that they enter (+1) or leave (-1) a queue. */
+  #loan(bytes: Uint8Array, delta: number): void {
+    if (bytes.buffer === this.buf?.buffer) this.countLoans(delta); // an echo: our own buffer
+    else lenders.get(bytes.buffer)?.countLoans(delta);
   }
 
-  /** Tells the key whose buffer `bytes` come from that they are (+1) or no longer (-1) queued. */
-  protected lend(bytes: Uint8Array, delta: number): void {
-    if (bytes.buffer === this.buf?.buffer) this.lent(delta); // an echo: our own buffer
-    else lenders.get(bytes.buffer)?.lent(delta);
+  /** Counts views of this key's buffer lent out (+1) or returned (-1); reads again at 0. */
+  countLoans(delta: number): void {
+    this.#loans += delta;
+    if (this.#loans === 0) this.startNext();
   }
 }
 
+/**
+ * Read sizes. V8 zero-fills every buffer, so each one is resident memory: an
+ * idle connection waits on MIN_READ bytes. A read that fills its buffer makes
+ * the next one 4 times larger, up to MAX_READ; a read of a sixteenth or less
+ * drops it back to MIN_READ.
+ */
+const MIN_READ = 256;
+const MAX_READ = 64 * 1024;
+
 /** A connection's key: keeps one read in flight, and writes what send() queues. */
-class ConnKey extends BufferedKey {
-  /** The fairness cohort its pending read is counted in, if any (see §3). */
-  cohort: Cohort | undefined = undefined; // fairness
+class ConnKey extends BufferedKey implements GatedRead {
+  gateNote: unknown = undefined;
   /** True while a read() is pending: one at a time. */
   #reading = false;
   /** What the last read gave and recv() has not taken: a byte count, null at EOF. */
   #received: number | null | undefined = undefined;
   /** The size of the next read buffer. */
   #nextSize = MIN_READ;
-  /** The send queue: chunks not yet written, from #head on (the rest are written). */
-  #chunks: (Uint8Array | undefined)[] = [];
-  /** Index of the chunk being written: shifting the array on each write would cost O(n). */
-  #head = 0;
-  /** True while a write() is pending: one at a time, in order. */
-  #writing = false;
 
   get readiness(): number {
     if (this.error) return READ | WRITE;
-    return (this.#received !== undefined ? READ : 0) | (this.queued === 0 ? WRITE : 0);
+    return (this.#received !== undefined ? READ : 0) | (this.queue.length === 0 ? WRITE : 0);
   }
 
   override recv(): Uint8Array | null {
@@ -901,10 +1059,7 @@ class ConnKey extends BufferedKey {
   override send(bytes: Uint8Array): void {
     if (this.error) throw this.error;
     if (!this.registered) throw new Deno.errors.BadResource("send() on an unregistered key");
-    if (bytes.byteLength === 0) return;
-    this.enqueued(bytes);
-    this.#chunks.push(bytes);
-    if (!this.#writing) this.#write();
+    if (bytes.byteLength > 0) this.enqueue(bytes);
   }
 
   startNext(): void {
@@ -912,19 +1067,24 @@ class ConnKey extends BufferedKey {
       this.#reading || !this.registered || !(this.events & READ) || this.error ||
       this.#received !== undefined || this.pinned || this.blocked
     ) return;
-    if (!this.core.fairness.admitRead(this)) return; // fairness: throttled, it starts later
-    if (this.buf?.byteLength !== this.#nextSize) {
-      this.buf = new Uint8Array(this.#nextSize);
-      lenders.set(this.buf.buffer, this);
-    }
+    const gate = this.core.gate;
+    if (gate && !gate.admit(this)) return; // held back: the gate starts it later
     this.#reading = true;
-    (this.resource as Deno.Conn).read(this.buf).then(this.#onRead, this.#onReadError);
+    const buf = this.bufferOf(this.#nextSize);
+    (this.resource as Deno.Conn).read(buf).then(this.#onRead, this.#onReadError);
   }
 
   cancel(): void {
     this.registered = false;
-    // A chunk being written stays lent until its write completes.
-    this.#dropQueue(this.#writing ? this.#head + 1 : this.#head);
+    this.dropQueue();
+  }
+
+  protected write(): Promise<number> {
+    return (this.resource as Deno.Conn).write(this.queue.first);
+  }
+
+  protected fatal(): boolean {
+    return true;
   }
 
   #onRead = (n: number | null): void => {
@@ -936,60 +1096,14 @@ class ConnKey extends BufferedKey {
       this.#received = n;
       this.core.markReady(this);
     }
-    this.core.fairness.readDone(this); // fairness: last, it may start reads, and must not start ours
+    this.core.gate?.readDone(this); // last: the gate may start reads, and must not start ours
   };
 
   #onReadError = (error: Error): void => {
     this.#reading = false;
-    if (this.registered) this.#fail(error);
-    this.core.fairness.readDone(this); // fairness: last, as in #onRead
+    if (this.registered) this.fail(error);
+    this.core.gate?.readDone(this); // last, as in #onRead
   };
-
-  #write(): void {
-    this.#writing = true;
-    (this.resource as Deno.Conn).write(this.#chunks[this.#head]!).then(
-      this.#onWrite,
-      this.#onWriteError,
-    );
-  }
-
-  #onWrite = (n: number): void => {
-    this.core.fairness.writeDone(); // fairness
-    const chunk = this.#chunks[this.#head]!;
-    if (!this.registered) return this.lend(chunk, -1);
-    this.sent(n);
-    if (n < chunk.byteLength) {
-      this.#chunks[this.#head] = chunk.subarray(n); // a partial write: go on with the rest
-    } else {
-      this.#chunks[this.#head++] = undefined;
-      this.lend(chunk, -1);
-    }
-    if (this.#head < this.#chunks.length) return this.#write();
-    this.#chunks.length = 0;
-    this.#head = 0;
-    this.#writing = false;
-    if (this.events & WRITE) this.core.markReady(this);
-  };
-
-  #onWriteError = (error: Error): void => {
-    this.#writing = false;
-    if (!this.registered) return this.lend(this.#chunks[this.#head]!, -1);
-    this.#dropQueue(this.#head); // nothing more can be written
-    this.#fail(error);
-  };
-
-  /** Empties the send queue, returning lent buffers from chunk `from` on. */
-  #dropQueue(from: number): void {
-    for (let i = from; i < this.#chunks.length; i++) this.lend(this.#chunks[i]!, -1);
-    if (from === this.#head) this.#chunks = [];
-    else this.#chunks.length = from; // keep the chunk being written
-    this.emptied();
-  }
-
-  #fail(error: Error): void {
-    this.error ??= error;
-    this.core.markReady(this);
-  }
 }
 
 /** The receive buffer of a datagram socket: the largest UDP payload fits whole. */
@@ -1000,8 +1114,8 @@ const DATAGRAM_RETRY_MS = 10;
 /**
  * A datagram socket's key: keeps one receive in flight (concurrent receives
  * complete out of order) into a buffer that holds any datagram whole, and
- * sends what sendto() queues, one datagram at a time, in order. Its bytes are
- * lent as a connection's are. Fairness (§3) does not apply: it is one socket.
+ * sends what sendto() queues, one datagram at a time, in order. A read gate
+ * does not apply: it is one socket.
  */
 class DatagramKey extends BufferedKey {
   /** True while a receive() is pending. */
@@ -1013,15 +1127,10 @@ class DatagramKey extends BufferedKey {
   #gone = false;
   /** The timer that ends the pause after a receive error. */
   #retryTimer: ReturnType<typeof setTimeout> | undefined = undefined;
-  /** The send queue: datagrams and their addresses, from #head on. */
-  #queue: ([Uint8Array, Deno.Addr] | undefined)[] = [];
-  #head = 0;
-  /** True while a send() is pending. */
-  #sending = false;
 
   get readiness(): number {
     if (this.error) return READ | WRITE;
-    return (this.#datagram ? READ : 0) | (this.queued === 0 && !this.#sending ? WRITE : 0);
+    return (this.#datagram ? READ : 0) | (this.queue.length === 0 ? WRITE : 0);
   }
 
   override recvfrom(): [Uint8Array, Deno.Addr] {
@@ -1043,9 +1152,7 @@ class DatagramKey extends BufferedKey {
   override sendto(bytes: Uint8Array, addr: Deno.Addr): void {
     if (this.#gone) throw this.error;
     if (!this.registered) throw new Deno.errors.BadResource("sendto() on an unregistered key");
-    this.enqueued(bytes);
-    this.#queue.push([bytes, addr]);
-    if (!this.#sending) this.#sendNext();
+    this.enqueue(bytes, addr);
   }
 
   startNext(): void {
@@ -1053,12 +1160,8 @@ class DatagramKey extends BufferedKey {
       this.#receiving || !this.registered || !(this.events & READ) || this.error ||
       this.#datagram || this.pinned || this.blocked || this.#retryTimer
     ) return;
-    if (!this.buf) {
-      this.buf = new Uint8Array(DATAGRAM_BUFFER);
-      lenders.set(this.buf.buffer, this);
-    }
     this.#receiving = true;
-    (this.resource as Deno.DatagramConn).receive(this.buf).then(
+    (this.resource as Deno.DatagramConn).receive(this.bufferOf(DATAGRAM_BUFFER)).then(
       this.#onReceive,
       this.#onReceiveError,
     );
@@ -1068,8 +1171,20 @@ class DatagramKey extends BufferedKey {
     this.registered = false;
     clearTimeout(this.#retryTimer);
     this.#retryTimer = undefined;
-    // A datagram being sent stays lent until its send completes.
-    this.#dropQueue(this.#sending ? this.#head + 1 : this.#head);
+    this.dropQueue();
+  }
+
+  protected async write(): Promise<number> {
+    const datagram = this.queue.first;
+    await (this.resource as Deno.DatagramConn).send(datagram, this.queue.firstTo);
+    return datagram.byteLength;
+  }
+
+  /** A datagram the kernel refuses is dropped, as UDP drops; only a closed socket ends the key. */
+  protected fatal(error: Error): boolean {
+    if (!resourceGone(error)) return false;
+    this.#gone = true;
+    return true;
   }
 
   #onReceive = ([datagram, from]: [Uint8Array, Deno.Addr]): void => {
@@ -1091,311 +1206,5 @@ class DatagramKey extends BufferedKey {
   #retry = (): void => {
     this.#retryTimer = undefined;
     this.startNext();
-  };
-
-  #sendNext(): void {
-    this.#sending = true;
-    const [bytes, addr] = this.#queue[this.#head]!;
-    (this.resource as Deno.DatagramConn).send(bytes, addr).then(this.#onSent, this.#onSendError);
-  }
-
-  /** A send completed; one that failed is dropped the same way, unless the socket is gone. */
-  #onSent = (): void => {
-    const [bytes] = this.#queue[this.#head]!;
-    this.#queue[this.#head++] = undefined;
-    this.lend(bytes, -1);
-    if (!this.registered) return;
-    this.sent(bytes.byteLength);
-    if (this.#head < this.#queue.length) return this.#sendNext();
-    this.#queue.length = 0;
-    this.#head = 0;
-    this.#sending = false;
-    if (this.events & WRITE) this.core.markReady(this);
-  };
-
-  #onSendError = (error: Error): void => {
-    if (!resourceGone(error) || !this.registered) return this.#onSent(); // dropped, as UDP drops
-    this.#sending = false;
-    this.#gone = true;
-    this.#dropQueue(this.#head); // nothing more can be sent
-    this.error ??= error;
-    this.core.markReady(this);
-  };
-
-  /** Empties the send queue, returning lent buffers from datagram `from` on. */
-  #dropQueue(from: number): void {
-    for (let i = from; i < this.#queue.length; i++) this.lend(this.#queue[i]![0], -1);
-    if (from === this.#head) {
-      this.#queue = [];
-      this.#head = 0;
-    } else this.#queue.length = from; // keep the datagram being sent
-    this.emptied();
-  }
-}
-
-// ===========================================================================
-// §3 Fairness under saturation (optional)
-// ===========================================================================
-//
-// Why it exists. Deno runs every pending operation of a process in one task of
-// its runtime (tokio), and tokio lets one task complete at most 128 operations
-// per turn (its cooperative budget); the rest are deferred, and deferred wakers
-// run last-in first-out, after fresh I/O. So when a server saturates its core
-// and more than 128 reads are ready at once, the reads whose data arrived last
-// are served first, and a few hundred busy connections can starve the others
-// for seconds although their bytes have arrived. No order of callbacks in JS
-// fixes that (the starving reads are not in JS's hands); starting fewer new
-// reads does.
-//
-// What it does. The reads started while more than 128 are in flight are
-// counted in cohorts, one per millisecond. When a cohort's reads have been
-// pending for STARVING_MS while STARVING_OVERTAKEN other reads completed, new
-// reads are throttled: a key that wants to read is queued instead (dispatch
-// goes on), and one queued key starts its read for every ADMIT_EVERY starving
-// reads served, so the runtime gets less new work than it completes and works
-// off its backlog. The throttle ends when the starving reads are served, when a
-// whole timer interval passes with no read or write completing (the rest are
-// idle peers), or after THROTTLE_MAX_MS. A cohort still pending after a
-// throttle is watched again with twice the patience, so an idle peer costs a
-// few short throttles over its lifetime, not one per millisecond.
-//
-// To remove it: delete this section and every line marked `// fairness`.
-
-/** A read pending this long, overtaken by this many others, is starving. */
-const STARVING_MS = 20;
-const STARVING_OVERTAKEN = 128;
-/** The longest a throttle lasts. */
-const THROTTLE_MAX_MS = 50;
-/** While throttling, one queued read starts per ADMIT_EVERY starving reads served. */
-const ADMIT_EVERY = 2;
-/** Patience levels: a cohort that outlasts throttles is watched with STARVING_MS << 1, 2, ... 12. */
-const PATIENCE_LEVELS = 13;
-
-/** Reads started in the same millisecond, watched together for starvation. */
-class Cohort {
-  /** performance.now() when its first read started: the cohort's age. */
-  readonly started: number;
-  /** How many of its reads are still pending: it is done at 0. */
-  pending = 0;
-  /** performance.now() from which a read still pending is starving, if others overtook it. */
-  due: number;
-  /** Reads completed (anywhere) when it was last watched: how many overtook it since. */
-  completed: number;
-  /** Throttles it has outlasted: it is watched with patience STARVING_MS << patience. */
-  patience = 0;
-  /** True while a throttle waits for its pending reads. */
-  owed = false;
-
-  constructor(started: number, completed: number) {
-    this.started = started;
-    this.due = started + STARVING_MS;
-    this.completed = completed;
-  }
-}
-
-/** Cohorts with pending reads, in the order they are due (one list per patience level). */
-class Watchlist {
-  /** The cohorts, oldest first; those before #head are done or taken. */
-  #cohorts: Cohort[] = [];
-  /** Index of the first cohort that may still be pending. */
-  #head = 0;
-
-  add(cohort: Cohort): void {
-    this.#cohorts.push(cohort);
-  }
-
-  /** The first cohort with reads pending, if any. */
-  first(): Cohort | undefined {
-    const cohorts = this.#cohorts;
-    let head = this.#head;
-    while (head < cohorts.length && cohorts[head].pending === 0) head++;
-    if (head > 1024 && head * 2 > cohorts.length) { // compact now and then
-      cohorts.splice(0, head);
-      head = 0;
-    }
-    this.#head = head;
-    return cohorts[head];
-  }
-
-  /** Moves the cohorts due at `now` that still have reads pending into `into`. */
-  takeDue(now: number, into: Cohort[]): void {
-    const cohorts = this.#cohorts;
-    let head = this.#head;
-    for (; head < cohorts.length && cohorts[head].due <= now; head++) {
-      if (cohorts[head].pending > 0) into.push(cohorts[head]);
-    }
-    this.#head = head;
-  }
-}
-
-/**
- * Fairness between connections when the process saturates its CPU: admits or
- * throttles new reads (see the comment that opens §3). The core calls it when a
- * read is about to start, when a read or a write completes, after each select(),
- * and when the selector closes.
- */
-class Fairness {
-  /** The selector's trace function, if any: throttles are reported through it. */
-  readonly #trace: ((event: TraceEvent) => void) | undefined;
-  /** performance.now() of the last check(): the start time of the reads begun since. */
-  #now = 0;
-  /** performance.now() of the next check: once a millisecond is fine enough, and cheap. */
-  #nextCheck = 0;
-  /** Reads started and not completed: below STARVING_OVERTAKEN none can starve. */
-  #inFlight = 0;
-  /** Reads completed so far: how far others overtook a cohort. */
-  #completed = 0;
-  /** Writes completed so far: with reads, the progress that keeps a throttle going. */
-  #writes = 0;
-  /** The cohorts of reads being watched, by patience level. */
-  #watchlists = Array.from({ length: PATIENCE_LEVELS }, () => new Watchlist());
-  /** The cohort that reads started now join. */
-  #cohort: Cohort | undefined = undefined;
-  // While throttling (#queued is set):
-  /** Keys waiting to start a read; those from #queuedHead on have not started yet. */
-  #queued: ConnKey[] | undefined = undefined;
-  #queuedHead = 0;
-  /** Queued keys that may start their read now. */
-  #allowance = 0;
-  /** The starving cohorts the throttle waits for, and how many of their reads are pending. */
-  #owed: Cohort[] = [];
-  #owing = 0;
-  /** performance.now() at which the throttle ends anyway. */
-  #deadline = 0;
-  /** Reads and writes completed at the previous timer tick: no progress means a stall. */
-  #seen = -1;
-  /** The timer that checks a throttle for a stall. */
-  #timer: ReturnType<typeof setTimeout> | undefined = undefined;
-
-  constructor(trace: ((event: TraceEvent) => void) | undefined) {
-    this.#trace = trace;
-  }
-
-  /**
-   * Admits a read about to start, counting it; while throttling, queues the key
-   * instead (it reads later in the throttle or after it).
-   *
-   * @returns Whether the read may start now.
-   */
-  admitRead(key: ConnKey): boolean {
-    if (this.#queued) {
-      if (this.#allowance === 0) {
-        this.#queued.push(key);
-        return false;
-      }
-      this.#allowance--;
-    }
-    // Deno defers reads only when more are ready at once than its budget (128) allows:
-    // with fewer in flight none can starve, and watching them would only cost time.
-    if (++this.#inFlight > STARVING_OVERTAKEN) {
-      let cohort = this.#cohort;
-      if (!cohort || this.#now - cohort.started >= 1) {
-        this.#cohort = cohort = new Cohort(this.#now, this.#completed);
-        this.#watchlists[0].add(cohort);
-      }
-      cohort.pending++;
-      key.cohort = cohort;
-    }
-    return true;
-  }
-
-  /** Counts a read that completed (or failed). */
-  readDone(key: ConnKey): void {
-    this.#inFlight--;
-    this.#completed++;
-    const cohort = key.cohort;
-    if (!cohort) return;
-    key.cohort = undefined;
-    cohort.pending--;
-    if (cohort.owed) {
-      // All served: end the throttle now, not at the next timer tick (the CPU could idle till then).
-      if (--this.#owing === 0) queueMicrotask(this.#endThrottle);
-      else if (this.#owing % ADMIT_EVERY === 0) this.#admitOne();
-    }
-  }
-
-  /** Counts a write that completed: a read may wait for its peer, which waits for that write. */
-  writeDone(): void {
-    this.#writes++;
-  }
-
-  /** After each select(): starts throttling if reads are starving. */
-  check(now: number): void {
-    this.#now = now;
-    if (this.#queued || now < this.#nextCheck) return;
-    this.#nextCheck = now + 1;
-    const completed = this.#completed;
-    const starving = this.#watchlists.some((list) => {
-      const first = list.first();
-      return first !== undefined && first.due <= now &&
-        completed - first.completed > STARVING_OVERTAKEN;
-    });
-    if (!starving) return;
-    const owed: Cohort[] = [];
-    for (const list of this.#watchlists) list.takeDue(now, owed);
-    let owing = 0;
-    for (const cohort of owed) {
-      cohort.owed = true;
-      owing += cohort.pending;
-    }
-    this.#owed = owed;
-    this.#owing = owing;
-    this.#queued = [];
-    this.#queuedHead = 0;
-    this.#deadline = now + THROTTLE_MAX_MS;
-    this.#seen = -1;
-    this.#timer = setTimeout(this.#tick, 0);
-    this.#trace?.({ step: "throttle", starving: owing });
-  }
-
-  /** Ends a throttle at once: the selector is closing (its keys, unregistered, start no reads). */
-  stop(): void {
-    this.#endThrottle();
-  }
-
-  /**
-   * A timer tick while throttling. Deno runs timers before it delivers the
-   * tick's I/O, so a stall (no progress) is judged over a whole timer interval.
-   */
-  #tick = (): void => {
-    const progress = this.#completed + this.#writes;
-    if (progress === this.#seen || performance.now() >= this.#deadline) {
-      return this.#endThrottle();
-    }
-    this.#seen = progress;
-    this.#timer = setTimeout(this.#tick, 0);
-  };
-
-  /** While throttling: lets the next queued key read (or the next key that asks). */
-  #admitOne(): void {
-    const queued = this.#queued!;
-    this.#allowance++;
-    while (this.#allowance > 0 && this.#queuedHead < queued.length) {
-      queued[this.#queuedHead++].startNext();
-    }
-  }
-
-  /** Ends a throttle: watches the cohorts still owed with more patience, starts the queued reads. */
-  #endThrottle = (): void => {
-    const queued = this.#queued;
-    if (!queued) return;
-    clearTimeout(this.#timer);
-    this.#timer = undefined;
-    const watchlists = this.#watchlists;
-    const later = performance.now();
-    for (const cohort of this.#owed) {
-      cohort.owed = false;
-      if (cohort.pending === 0) continue;
-      cohort.patience = Math.min(cohort.patience + 1, watchlists.length - 1);
-      cohort.due = later + (STARVING_MS << cohort.patience);
-      cohort.completed = this.#completed;
-      watchlists[cohort.patience].add(cohort);
-    }
-    this.#owed = [];
-    this.#owing = 0;
-    this.#queued = undefined;
-    this.#allowance = 0;
-    this.#trace?.({ step: "unthrottle" });
-    for (let i = this.#queuedHead; i < queued.length; i++) queued[i].startNext();
   };
 }

@@ -14,6 +14,11 @@
  */
 
 import { READ, type SelectorKey, type TraceEvent, WRITE } from "./loop.ts";
+import type { WakeEvent } from "./async_loop.ts";
+import type { FairnessEvent } from "./fairness.ts";
+
+/** Everything there is to trace: the loop's steps, coroutines' wake-ups, fairness throttles. */
+export type AnyTraceEvent = TraceEvent | WakeEvent | FairnessEvent;
 
 /** Options for {@linkcode createTracer}. */
 export interface TracerOptions {
@@ -24,7 +29,8 @@ export interface TracerOptions {
 }
 
 /**
- * A trace function for {@linkcode SelectorOptions.trace} that prints one line per step.
+ * A trace function that prints one line per step: give it to the selector,
+ * the coroutine loop and the fairness plug-in alike (their `trace` options).
  *
  * @example Usage
  * ```ts
@@ -41,7 +47,7 @@ export interface TracerOptions {
  * @param options The bound, and where lines go.
  * @returns The trace function.
  */
-export function createTracer(options: TracerOptions = {}): (event: TraceEvent) => void {
+export function createTracer(options: TracerOptions = {}): (event: AnyTraceEvent) => void {
   const { maxPerSecond = 200, write = console.log } = options;
   let second = -Infinity; // performance.now() when the current second began
   let printed = 0;
@@ -70,7 +76,7 @@ export function createTracer(options: TracerOptions = {}): (event: TraceEvent) =
  * @param event The event.
  * @returns The line.
  */
-export function formatTrace(event: TraceEvent): string {
+export function formatTrace(event: AnyTraceEvent): string {
   switch (event.step) {
     case "select": {
       const { ready } = event;
@@ -84,11 +90,10 @@ export function formatTrace(event: TraceEvent): string {
       return `  ${event.key.callback.name || "callback"}(${describeKey(event.key)}, ${
         maskName(event.mask)
       })`;
-    case "wake": {
-      const { result } = event;
-      const got = typeof result === "string" ? result : describeKey(result);
-      return `    → ${event.call}() on ${describeKey(event.key)} resumes: ${got}`;
-    }
+    case "wake":
+      return `    → ${event.call}() on ${describeKey(event.key)} resumes: ${
+        describeResult(event.result)
+      }`;
     case "pause":
       return `  ${describeKey(event.key)}: ${event.key.queued} bytes queued, reading paused`;
     case "resume":
@@ -100,12 +105,24 @@ export function formatTrace(event: TraceEvent): string {
   }
 }
 
-/** A key as its resource: `listener 127.0.0.1:8888` or `conn 127.0.0.1:50412` (the peer). */
+/**
+ * A key as its resource: `listener 127.0.0.1:8888`, `conn 127.0.0.1:50412`
+ * (the peer), or `udp 127.0.0.1:8888`.
+ */
 function describeKey(key: SelectorKey): string {
   const { resource } = key;
-  return "remoteAddr" in resource
-    ? `conn ${formatAddr(resource.remoteAddr)}`
-    : `listener ${formatAddr(resource.addr)}`;
+  if ("remoteAddr" in resource) return `conn ${formatAddr(resource.remoteAddr)}`;
+  return `${resource.addr.transport === "udp" ? "udp" : "listener"} ${formatAddr(resource.addr)}`;
+}
+
+/** What a coroutine resumes with: `5 bytes`, `EOF`, an error, a connection, a datagram. */
+function describeResult(result: WakeEvent["result"]): string {
+  if (result === null) return "EOF";
+  if (typeof result === "string") return result;
+  if (result instanceof Uint8Array) return `${result.length} bytes`;
+  if (result instanceof Error) return `${result.name}: ${result.message}`;
+  if (Array.isArray(result)) return `${result[0].length} bytes from ${formatAddr(result[1])}`;
+  return describeKey(result);
 }
 
 /**

@@ -79,8 +79,12 @@ Deno.test("trace lines name keys by their address and masks by name", () => {
     "  conn [::1]:5000: 70000 bytes queued, reading paused",
   );
   assertEquals(
-    formatTrace({ step: "wake", key: conn, call: "recv", result: "EOF" }),
+    formatTrace({ step: "wake", key: conn, call: "recv", result: null }),
     "    → recv() on conn [::1]:5000 resumes: EOF",
+  );
+  assertEquals(
+    formatTrace({ step: "wake", key: listener, call: "accept", result: conn }),
+    "    → accept() on listener 127.0.0.1:8888 resumes: conn [::1]:5000",
   );
   assertEquals(
     formatTrace({ step: "throttle", starving: 3 }),

@@ -10,7 +10,7 @@
  * @module
  */
 
-import { serve, type ServeOptions, type Server, type Style } from "../main.ts";
+import { serve, type ServeOptions, type Server, type Style } from "../server.ts";
 
 const root = new URL("../", import.meta.url);
 
