@@ -177,11 +177,12 @@ export function withDefaults<T extends object>(options: Partial<T>, defaults: T)
 /**
  * What to tell a user whose connections were refused.
  *
+ * @param script The script that connected, to start the line with: `client.ts`.
  * @param hostname The server's address.
  * @param port The server's port.
  * @returns One line: nothing listens there, and how to start the server.
  */
-export function refusedMessage(hostname: string, port: number): string {
+export function refusedMessage(script: string, hostname: string, port: number): string {
   const portFlag = port === 8888 ? "" : ` --port ${port}`; // main.ts's default port
-  return `client.ts: connection refused by ${hostname}:${port}: is the server running? Start it with: deno task start${portFlag}`;
+  return `${script}: connection refused by ${hostname}:${port}: is the server running? Start it with: deno task start${portFlag}`;
 }

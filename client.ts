@@ -272,7 +272,6 @@ ${USAGE}
   --timeout MS     milliseconds each connection may take; UDP waits that long over all tries
                    (default ${DEFAULTS.timeout})
   --json           print one JSON document (each connection, and a summary) instead
-  --duration S     load mode instead, for benchmarks: see --duration 1 --help
   --help           show this help
 
 Exit status: 0 if every connection got its exact echo, 1 if not, 2 on bad usage.`;
@@ -290,16 +289,17 @@ const FLAGS = {
 } as const;
 
 /**
- * Runs the client from the command line. With `--duration` it is the load
- * generator of bench/load.ts instead.
+ * Runs the client from the command line.
  *
  * @param args The command-line arguments.
  * @returns The exit code: 0 if every echo was exact, 1 if not, 2 on bad usage.
  */
 export async function main(args: string[]): Promise<number> {
   if (args.some((arg) => /^--duration(=|$)/.test(arg))) {
-    const load = await import("./bench/load.ts");
-    return await load.main(args);
+    console.error(
+      "client.ts: load for a duration is its own task now: deno task load --duration S (with --help for its flags)",
+    );
+    return 2;
   }
   const parsed = parseCommandLine(
     args,
@@ -401,7 +401,7 @@ function noServerMessage({ hostname, port, udp, unixPath }: Required<ClientOptio
     const portFlag = port === DEFAULTS.port ? "" : ` --port ${port}`;
     return `client.ts: no UDP reply from ${hostname}:${port}: is the server running with --udp? Start it with: deno task start --udp${portFlag}`;
   }
-  return refusedMessage(hostname, port);
+  return refusedMessage("client.ts", hostname, port);
 }
 
 if (import.meta.main) Deno.exit(await main(Deno.args));

@@ -19,6 +19,7 @@ import {
   ServerProcess,
   testEachStyle,
   testEachTransport,
+  untilListening,
   waitUntil,
   writeAll,
 } from "./testing/helpers.ts";
@@ -99,21 +100,40 @@ testEachStyle(
 );
 
 testEachStyle(
-  "600 connections at full speed are served fairly: Jain index and p99.9 latency bounded, every byte exact",
+  "600 connections at full speed: with the fairness plug-in every connection is served, without it some starve",
   async (style) => {
-    // More reads are ready at once than Deno serves per turn: without loop.ts's
-    // fairness (§3) some connections wait hundreds of milliseconds (Jain 0.69-0.89,
-    // p99.9 360-690 ms here); with it, Jain 0.98-0.99 and p99.9 50-100 ms (up to 270 ms
-    // when the server runs under coverage). The Jain index is the sharper of the two.
-    await using server = serveForTest({ style });
-    const args = ["--port", `${server.port}`, "--count", "600", "--duration", "2"];
-    const load = await runScript("client.ts", args);
-    assertEquals(load.code, 0, load.stdout + load.stderr);
-    const figures = load.stdout.match(/p99\.9 ([\d.]+); fairness \(Jain\) ([\d.]+)/);
-    assert(figures, load.stdout);
-    const [p999, jain] = [Number(figures[1]), Number(figures[2])];
-    assertGreater(jain, 0.95, `unfair: Jain index ${jain}, p99.9 ${p999} ms`);
-    assertLessOrEqual(p999, 400, `some connections waited: p99.9 ${p999} ms, Jain ${jain}`);
+    // More reads are ready at once than Deno serves per turn (its budget of 128, the
+    // rest woken last-in first-out), so without fairness.ts some connections wait for
+    // hundreds of milliseconds. Two servers, with and without the plug-in, run at the
+    // same time, each under its own load, so that a noisy machine slows both alike;
+    // both run at a lower priority, so that they, not the loads, are the bottleneck.
+    // Here, over 3 s: with it Jain 0.955-0.986, without it 0.52-0.85 (0.69-0.81 with
+    // the plug-in broken); the least-served connection got 0.45-0.71 of the mean
+    // against 0.10-0.29.
+    const serveAndLoad = async (fairness: "on" | "off") => {
+      const port = getAvailablePort();
+      await using server = ServerProcess.spawn(
+        ["--port", `${port}`, "--quiet", "--fairness", fairness],
+        { style, shell: "renice -n 6 $$ >/dev/null" }, // the loads get more CPU: the servers saturate
+      );
+      await untilListening(port);
+      const args = ["--port", `${port}`, "--count", "600", "--duration", "3", "--json"];
+      const { code, stdout, stderr } = await runScript("bench/load.ts", args);
+      assertEquals(code, 0, stdout + stderr + server.stderr);
+      const { jain, worst, ms } = JSON.parse(stdout).summary;
+      return { jain, worst, text: `Jain ${jain}, least served ${worst}, p99.9 ${ms.p999} ms` };
+    };
+    const [fair, unfair] = await Promise.all([serveAndLoad("on"), serveAndLoad("off")]);
+    const both = `with the plug-in ${fair.text}; without ${unfair.text}`;
+    assertGreater(fair.jain, 0.9, `unfair with the plug-in: ${both}`);
+    if (unfair.jain < 0.97) { // the load saturated the server: some starved without the plug-in
+      assertGreater(fair.jain - unfair.jain, 0.05, `the plug-in made no difference: ${both}`);
+      assertGreater(fair.worst, unfair.worst, `the plug-in made no difference: ${both}`);
+    } else { // the load generator, not the server, was the bottleneck this time
+      console.warn(
+        `nobody starved even without the plug-in (${both}): its floor alone was checked`,
+      );
+    }
   },
 );
 

@@ -30,7 +30,7 @@ export type { Log, LogFormat } from "./log.ts";
 const TRACE_LINES_PER_SECOND = 200;
 
 const USAGE =
-  `usage: deno run --allow-net=127.0.0.1 main.ts [--host H] [--port N] [--udp [--udp-rate N]] [--unix PATH] [--max-conns N] [--idle-timeout S] [--style callbacks|async] [--trace] [--log-format text|json] [--verbose | --quiet] [--workers N|auto]`;
+  `usage: deno run --allow-net=127.0.0.1 main.ts [--host H] [--port N] [--udp [--udp-rate N]] [--unix PATH] [--max-conns N] [--idle-timeout S] [--style callbacks|async] [--fairness on|off] [--trace] [--log-format text|json] [--verbose | --quiet] [--workers N|auto]`;
 
 const HELP = `An echo server (RFC 862): sends back every byte it receives, over TCP, and
 over UDP or a Unix socket if asked.
@@ -47,6 +47,8 @@ ${USAGE}
                      and --allow-net=unix: for PATH); a stale socket file is replaced
   --style STYLE      callbacks (the lesson's accept and read callbacks) or async (coroutines
                      on the same loop) (default ${DEFAULTS.style})
+  --fairness on|off  hold back new reads while others starve, so that no connection waits
+                     long when the server saturates its CPU (default on; off to measure it)
   --trace            print what the event loop does, turn by turn (at most ${TRACE_LINES_PER_SECOND} lines a second)
   --log-format F     text, or json: one {"time", "level", "message"} object per line
                      (default ${DEFAULTS.logFormat})
@@ -72,6 +74,7 @@ const FLAGS = {
   "udp-rate": { type: "integer", min: 1 },
   unix: { type: "text" },
   style: { type: "text" },
+  fairness: { type: "text" },
   trace: { type: "boolean" },
   "log-format": { type: "text" },
   verbose: { type: "boolean" },
@@ -111,6 +114,10 @@ function optionsFrom(flags: Flags<typeof FLAGS>): CommandLine {
   if (style !== undefined && style !== "callbacks" && style !== "async") {
     throw new UsageError(`--style must be callbacks or async, got "${style}"`);
   }
+  const { fairness } = flags;
+  if (fairness !== undefined && fairness !== "on" && fairness !== "off") {
+    throw new UsageError(`--fairness must be on or off, got "${fairness}"`);
+  }
   if (flags.unix !== undefined) {
     if (flags.host !== undefined || flags.port !== undefined || flags.udp) {
       throw new UsageError("--unix serves on a socket file: not with --host, --port or --udp");
@@ -144,6 +151,7 @@ function optionsFrom(flags: Flags<typeof FLAGS>): CommandLine {
     idleTimeout: idleSeconds === undefined ? undefined : idleSeconds * 1000,
     logLevel: flags.quiet ? "quiet" : flags.verbose ? "verbose" : undefined,
     style,
+    fairness: fairness === undefined ? undefined : fairness === "on",
     trace: flags.trace ? createTracer({ maxPerSecond: TRACE_LINES_PER_SECOND }) : undefined,
   };
 }
@@ -339,11 +347,12 @@ async function startWorkers(
     );
     return 1;
   }
-  const { hostname, maxConns, idleTimeout, style, logLevel, udp, udpRate } = options;
+  const { hostname, maxConns, idleTimeout, style, fairness, logLevel, udp, udpRate } = options;
   const net = hostname.includes(":") ? `[${hostname}]` : hostname;
   const level = logLevel === "quiet" ? ["--quiet"] : logLevel === "verbose" ? ["--verbose"] : [];
   const flags = [
     ...["--host", hostname, "--max-conns", `${maxConns}`, "--style", style],
+    ...["--fairness", fairness ? "on" : "off"],
     ...["--idle-timeout", `${idleTimeout / 1000}`, ...level, ...(trace ? ["--trace"] : [])],
   ];
   return await runWorkers({

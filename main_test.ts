@@ -245,6 +245,16 @@ Deno.test("the client says when no server is running, exit 1; bad client flags e
   const help = await runScript("client.ts", ["-h"]);
   assertEquals(help.code, 0);
   assertMatch(help.stdout, /^ {2}--udp /m);
+  // Load for a duration moved to its own task: one line says which.
+  const load = await runScript("client.ts", ["--duration", "1"]);
+  assertEquals(
+    [load.code, load.stdout, load.stderr],
+    [
+      2,
+      "",
+      "client.ts: load for a duration is its own task now: deno task load --duration S (with --help for its flags)\n",
+    ],
+  );
 });
 
 Deno.test("the client reports a wrong echo, one line per connection, exit 1", async () => {

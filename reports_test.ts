@@ -38,10 +38,10 @@ Deno.test("client.ts --json prints one JSON document: each connection, and a sum
   assertMatch(failed.error, /connection refused/);
 });
 
-Deno.test("load mode --json prints its figures as one JSON document", async () => {
+Deno.test("the load's --json prints its figures as one JSON document", async () => {
   await using server = serveForTest();
   const args = ["--port", `${server.port}`, "--duration", "0.5", "--count", "4", "--json"];
-  const { code, stdout, stderr } = await runScript("client.ts", args);
+  const { code, stdout, stderr } = await runScript("bench/load.ts", args);
   assertEquals([code, stderr], [0, ""]);
   const figures = JSON.parse(stdout);
   assertEquals(figures.server, { host: "127.0.0.1", port: server.port, protocol: "tcp" });
@@ -52,9 +52,9 @@ Deno.test("load mode --json prints its figures as one JSON document", async () =
   assert(0 < summary.ms.p50 && summary.ms.p50 <= summary.ms.p99, stdout);
   assert(summary.ms.p99 <= summary.ms.p999, stdout);
   // No server: the JSON still comes, with the reason, and the one line on stderr.
-  const refused = await runScript("client.ts", ["--port", "1", "--duration", "0.5", "--json"]);
+  const refused = await runScript("bench/load.ts", ["--port", "1", "--duration", "0.5", "--json"]);
   assertEquals(refused.code, 1);
-  assertMatch(refused.stderr, /^client\.ts: connection refused by 127\.0\.0\.1:1: /);
+  assertMatch(refused.stderr, /^load\.ts: connection refused by 127\.0\.0\.1:1: /);
   const failed = JSON.parse(refused.stdout).summary;
   assertEquals([failed.roundTrips, failed.failed], [0, 20]);
   assertMatch(failed.error, /ConnectionRefused/);
@@ -73,10 +73,10 @@ async function onTerminal(command: string, noColor = false): Promise<string> {
   return new TextDecoder().decode(stdout);
 }
 
-Deno.test("load mode shows a live progress line on a terminal that disappears at the end, and none otherwise", async () => {
+Deno.test("the load shows a live progress line on a terminal that disappears at the end, and none otherwise", async () => {
   await using server = serveForTest();
-  const load = `deno run --allow-net=127.0.0.1 client.ts --port ${server.port} --duration 1`;
-  const piped = await runScript("client.ts", ["--port", `${server.port}`, "--duration", "0.5"]);
+  const load = `deno run --allow-net=127.0.0.1 bench/load.ts --port ${server.port} --duration 1`;
+  const piped = await runScript("bench/load.ts", ["--port", `${server.port}`, "--duration", "0.5"]);
   assertEquals([piped.code, piped.stderr], [0, ""]); // not a terminal: no progress line
   const erase = "\r\x1b[K"; // back to the start of the line, and clear it
   const shown = (await onTerminal(load)).replaceAll(erase, "|");

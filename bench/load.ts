@@ -1,10 +1,10 @@
 /**
- * The load generator of `deno task bench` and of `client.ts --duration`:
- * closed-loop round trips on many connections, every echoed byte checked,
- * with throughput, latency percentiles and Jain's fairness index.
+ * `deno task load`, and the load generator of `deno task bench`: closed-loop
+ * round trips on many connections, every echoed byte checked, with throughput,
+ * latency percentiles and Jain's fairness index.
  *
  * ```sh
- * deno task client --duration 5 --count 100
+ * deno task load --duration 5 --count 100
  * ```
  *
  * @module
@@ -46,6 +46,8 @@ export interface LoadResult {
   p999: number;
   /** Jain's fairness index over the connections' round trips: 1 = all served equally. */
   jain: number;
+  /** The least-served connection's round trips relative to the mean: 0 = one starved. */
+  worst: number;
   /** Connections that failed (refused, reset, wrong bytes, timed out). */
   failed: number;
   /** Why the first failed connection failed. */
@@ -144,6 +146,7 @@ export async function runLoad(options: LoadOptions = {}): Promise<LoadResult> {
     p99: at(0.99),
     p999: at(0.999),
     jain: jainIndex(perConnection),
+    worst: Math.min(...perConnection) / (latencies.length / count || 1),
     failed: errors.length,
     ...(errors.length ? { firstError: errors[0] } : {}),
   };
@@ -162,9 +165,9 @@ function streamByte(c: number, offset: number): number {
 }
 
 const USAGE =
-  `usage: deno task client --duration S [--host H] [--port N | --unix PATH] [--count N] [--size N] [--timeout MS] [--json]`;
+  `usage: deno task load [--duration S] [--host H] [--port N | --unix PATH] [--count N] [--size N] [--timeout MS] [--json]`;
 
-const HELP = `Load mode: each connection sends a message, waits for its whole echo, checks
+const HELP = `Load: each connection sends a message, waits for its whole echo, checks
 every byte against its own byte stream, and goes again, for S seconds; then
 prints round trips per second, latency percentiles and Jain's fairness index.
 
@@ -207,7 +210,7 @@ function optionsFrom(flags: Flags<typeof FLAGS>): LoadOptions & { json?: boolean
 }
 
 /**
- * Runs load mode from the command line: two lines of figures.
+ * Runs the load from the command line: two lines of figures.
  *
  * @param args The command-line arguments.
  * @returns The exit code: 0 if every round trip was exact, 1 if not, 2 on bad usage.
@@ -216,7 +219,7 @@ export async function main(args: string[]): Promise<number> {
   const parsed = parseCommandLine(
     args,
     FLAGS,
-    { name: "client.ts --duration", help: HELP },
+    { name: "load.ts", help: HELP },
     optionsFrom,
   );
   if ("exit" in parsed) return parsed.exit;
@@ -227,7 +230,7 @@ export async function main(args: string[]): Promise<number> {
   const result = await runLoad({ ...options, onProgress: progress?.show });
   progress?.clear();
   const refused = result.failed === count && /ConnectionRefused/.test(result.firstError ?? "");
-  if (refused) console.error(refusedMessage(options.hostname, options.port));
+  if (refused) console.error(refusedMessage("load.ts", options.hostname, options.port));
   if (json) {
     console.log(JSON.stringify(report(options, result), null, 2));
     return result.failed ? 1 : 0;
@@ -253,7 +256,7 @@ export async function main(args: string[]): Promise<number> {
 /** The figures for `--json`: where, what load, and what it measured (`jq .summary`). */
 function report(options: Required<Omit<LoadOptions, "onProgress">>, result: LoadResult) {
   const { hostname, port, unixPath, count, size, duration } = options;
-  const { roundTrips, perSecond, p50, p99, p999, jain, failed, firstError } = result;
+  const { roundTrips, perSecond, p50, p99, p999, jain, worst, failed, firstError } = result;
   const round = (x: number, digits: number) => Number(x.toFixed(digits));
   return {
     server: unixPath ? { unix: unixPath } : { host: hostname, port, protocol: "tcp" },
@@ -264,6 +267,7 @@ function report(options: Required<Omit<LoadOptions, "onProgress">>, result: Load
       failed,
       ms: { p50: round(p50, 3), p99: round(p99, 3), p999: round(p999, 3) },
       jain: round(jain, 4),
+      worst: round(worst, 4),
       ...(firstError ? { error: firstError } : {}),
     },
   };

@@ -49,6 +49,13 @@ export function assertLessOrEqual<T>(actual: T, expected: T, msg?: string): void
   }
 }
 
+/** Fails unless `actual < expected`. */
+export function assertLess<T>(actual: T, expected: T, msg?: string): void {
+  if (!(actual < expected)) {
+    throw new AssertionError(msg ?? `Expected ${actual} to be less than ${expected}`);
+  }
+}
+
 /** Fails unless `actual > expected`. */
 export function assertGreater<T>(actual: T, expected: T, msg?: string): void {
   if (!(actual > expected)) {
