@@ -3,34 +3,21 @@
  * register resources with the events you want, `select()` the ready ones, and
  * call their callbacks from one loop.
  *
- * How completions become readiness: Deno offers completions (promises), not
- * readiness (epoll). So for each registered key the dispatcher keeps one
- * operation in flight, an `accept()` for a listener or a `read()` for a
- * connection. When it completes, the key goes on the ready list and the waiting
- * `select()` wakes up. The callback then takes the result at once with
- * {@linkcode SelectorKey.accept} or {@linkcode SelectorKey.recv} ("should be
- * ready", as in the Python version), and the next operation starts.
- * {@linkcode SelectorKey.send} queues bytes; the dispatcher writes every one of
- * them, continuing partial writes itself, and a key is WRITE-ready when all
- * of its queue is written.
+ * Deno offers completions (promises), not readiness (epoll). So for each key
+ * the dispatcher keeps one operation in flight, an `accept()` or a `read()`;
+ * when it completes, the key goes on the ready list and `select()` wakes up.
+ * The callback then takes the result with {@linkcode SelectorKey.accept} or
+ * {@linkcode SelectorKey.recv} ("should be ready", as in Python), and the next
+ * operation starts. {@linkcode SelectorKey.send} queues bytes; the dispatcher
+ * writes every one, and a key is WRITE-ready when its queue is written.
  *
- * The lesson's loop, `for key, mask in sel.select(): key.data(key.fileobj, mask)`,
- * reads in TypeScript:
+ * The lesson's `for key, mask in sel.select(): key.data(key.fileobj, mask)` is
+ * `for (const [key, mask] of await selector.select()) key.callback(key, mask)`,
+ * and {@linkcode Selector.run} is that loop, until the selector is closed.
  *
- * ```ts ignore
- * for (;;) {
- *   for (const [key, mask] of await selector.select()) key.callback(key, mask);
- * }
- * ```
- *
- * {@linkcode Selector.run} is that loop with less overhead per turn; it ends
- * when the selector is closed or no resource is left.
- *
- * The file reads top-down: §1 the public API, §2 the core (the ready list and
- * the keys). It imports nothing: copy it into your project as it is. When
- * more reads are ready at once than Deno serves per turn, some connections can
- * wait long for theirs; fairness.ts is a plug-in that prevents it
- * (`new Selector({ readGate: new Fairness() })`).
+ * It reads top-down: §1 the public API, §2 the core (the ready list and the
+ * keys). It imports nothing: copy it as it is. fairness.ts is a plug-in for
+ * a process that saturates its CPU (`new Selector({ readGate: new Fairness() })`).
  *
  * @example An echo server, and one client to try it
  * ```ts
@@ -68,11 +55,7 @@
  * const conn = await Deno.connect({ hostname: "127.0.0.1", port: listener.addr.port });
  * await conn.write(new TextEncoder().encode("hello"));
  * await conn.closeWrite();
- * const reply = new Uint8Array(64);
- * let got = 0;
- * for (let n; (n = await conn.read(reply.subarray(got))) !== null;) got += n;
- * conn.close();
- * assertEquals(new TextDecoder().decode(reply.subarray(0, got)), "hello");
+ * assertEquals(await new Response(conn.readable).text(), "hello");
  *
  * selector.close(); // closes the listener too, and ends run()
  * await serving;
@@ -81,9 +64,7 @@
  * @module
  */
 
-// ===========================================================================
-// §1 The public API
-// ===========================================================================
+// §1 The public API ==========================================================
 
 /** Interest in, and readiness for, reading: an accepted connection or received bytes are waiting. */
 export const READ = 1;
@@ -97,6 +78,9 @@ export interface ListenerResource {
   /** Closes it. */
   close(): void;
 }
+
+/** A datagram (UDP) socket, as a selector's users see it: `Deno.DatagramConn` is one. */
+export type DatagramResource = ListenerResource;
 
 /** A connection (TCP or Unix), as a selector's users see it: `Deno.Conn` is one. */
 export interface ConnResource {
@@ -112,19 +96,7 @@ export interface ConnResource {
   setNoDelay?(noDelay?: boolean): void;
 }
 
-/** A datagram (UDP) socket, as a selector's users see it: `Deno.DatagramConn` is one. */
-export interface DatagramResource {
-  /** The address it is bound to. */
-  readonly addr: Deno.Addr;
-  /** Closes it. */
-  close(): void;
-}
-
-/**
- * What can be registered: a listener (READ only), a connection, or a datagram
- * socket. This selector takes Deno's own (`Deno.listen`, `Deno.connect`,
- * `Deno.listenDatagram`); another selector takes sockets of its own kind.
- */
+/** What can be registered: Deno's own for this selector; sockets of its own kind for another. */
 export type Resource = ListenerResource | ConnResource | DatagramResource;
 
 /** Called by {@linkcode Selector.run} for each ready key, with the ready events. */
@@ -139,10 +111,7 @@ export interface SelectorKey<T = unknown> {
   readonly resource: Resource;
   /** The events of interest: a mix of {@linkcode READ} and {@linkcode WRITE}. */
   readonly events: number;
-  /**
-   * The function {@linkcode Selector.run} calls when the key is ready. (Declared
-   * as a method so that any key is a `SelectorKey<unknown>`.)
-   */
+  /** What {@linkcode Selector.run} calls when the key is ready (a method, so any key is a `SelectorKey`). */
   callback(key: SelectorKey<T>, mask: number): void;
   /** Anything you attach to the key. */
   data: T;
@@ -151,65 +120,32 @@ export interface SelectorKey<T = unknown> {
   /** The error that ended this connection, if one did (a reset, a broken pipe...). */
   readonly error: Error | undefined;
   /**
-   * Takes the connection a listener key accepted. Call it when the key is READ-ready.
-   *
-   * @returns The accepted connection.
-   * @throws The error the accept failed with (e.g. "Too many open files"); the
-   *   dispatcher retries, backing off while the process is out of descriptors.
-   *   A peer that left before it was accepted is skipped, never reported.
+   * Takes the connection a READ-ready listener key accepted, or throws why the
+   * accept failed ("Too many open files": the selector backs off meanwhile).
    */
   accept(): ConnResource;
   /**
-   * Takes the bytes a connection key received. Call it when the key is READ-ready.
-   * The bytes stay valid until the next `select()`, or until they are written if
-   * you `send()` them (on any key); use `slice()` to keep them longer.
-   *
-   * @returns The bytes, or `null` once the peer has finished sending (EOF).
-   * @throws The error the connection failed with (`Deno.errors.ConnectionReset`...).
+   * Takes what a READ-ready connection key received: bytes, valid until the next
+   * `select()` or until written if you `send()` them, or `null` at EOF; or throws
+   * the error the connection failed with (`Deno.errors.ConnectionReset`...).
    */
   recv(): Uint8Array | null;
-  /**
-   * Queues bytes to be written; the dispatcher writes every one of them, in order.
-   * Do not modify them until they are written. While more than the high-water
-   * mark is queued, reading pauses; it resumes at the low-water mark.
-   *
-   * @param bytes The bytes to write.
-   * @throws The error the connection failed with, if it failed.
-   */
+  /** Queues bytes, all written in order; reading pauses above the high-water mark. */
   send(bytes: Uint8Array): void;
-  /**
-   * Takes the datagram a datagram key received, whole, and its sender (Python's
-   * `recvfrom`). Call it when the key is READ-ready. The bytes stay valid as
-   * those of recv() do.
-   *
-   * @returns The datagram (possibly empty) and the address it came from.
-   * @throws The error receiving failed with; the dispatcher tries again.
-   */
+  /** Takes the datagram a READ-ready datagram key received, whole, and its sender. */
   recvfrom(): [Uint8Array, Deno.Addr];
-  /**
-   * Queues one datagram for `addr` (Python's `sendto`); datagrams go out whole,
-   * in order. One the kernel refuses (e.g. a bad address) is dropped, as UDP
-   * drops. Do not modify the bytes until they are sent.
-   *
-   * @param bytes The datagram, at most 65,507 bytes over IPv4.
-   * @param addr Where to send it.
-   */
+  /** Queues a datagram for `addr`; one the kernel refuses is dropped, as UDP drops. */
   sendto(bytes: Uint8Array, addr: Deno.Addr): void;
   /**
-   * Keeps the bytes the last `recv()` or `recvfrom()` returned valid past the
-   * next `select()`: the key reads nothing into its buffer, and so reports no
-   * READ, until {@linkcode SelectorKey.release}. For code that hands the bytes
-   * on, e.g. to a coroutine (async_loop.ts).
+   * Keeps the bytes of the last `recv()` valid past the next `select()` (the key
+   * reads nothing, so reports no READ) until `release()`: for code that hands them on.
    */
   retain(): void;
   /** Ends a `retain()`: the key may read into its buffer again. */
   release(): void;
 }
 
-/**
- * One step of the loop, for {@linkcode SelectorOptions.trace}: what a learner
- * would want to see the loop do.
- */
+/** One step of the loop, for {@linkcode SelectorOptions.trace}: what a learner would want to see. */
 export type TraceEvent =
   /** select() returned these ready keys (the array is reused: read it at once). */
   | { step: "select"; ready: readonly ReadyEvent[] }
@@ -228,16 +164,9 @@ export interface GatedRead {
   gateNote: unknown;
 }
 
-/**
- * A plug-in that decides when connections' reads start: fairness.ts is one.
- * The selector calls it at these points, and at none when no gate is attached.
- */
+/** A plug-in that decides when connections' reads start (fairness.ts); called at these points. */
 export interface ReadGate {
-  /**
-   * A connection's read is about to start.
-   *
-   * @returns Whether it may start now; if not, the gate calls `read.startNext()` later.
-   */
+  /** A connection's read is about to start: may it? If not, the gate calls `read.startNext()` later. */
   admit(read: GatedRead): boolean;
   /** The read `admit()` let start has completed, or failed. */
   readDone(read: GatedRead): void;
@@ -262,10 +191,8 @@ export interface SelectorOptions {
 }
 
 /**
- * Waits for registered resources to become ready and dispatches their callbacks.
- *
- * Work per event is O(1) however many keys are registered: a completion puts
- * its key on the ready list and wakes the one waiting `select()`.
+ * Waits for registered resources to become ready and dispatches their callbacks,
+ * at a cost per event that does not grow with the number of keys.
  */
 export class Selector {
   /** Queued bytes above which a connection stops reading. */
@@ -285,17 +212,11 @@ export class Selector {
   /** performance.now() when select() last returned: see {@linkcode Selector.now}. */
   #now = 0;
 
-  /**
-   * Creates a selector.
-   *
-   * @param options Backpressure thresholds for `send()`, a trace function, a read gate.
-   */
+  /** Creates a selector, with backpressure thresholds, a trace function and a read gate if given. */
   constructor(options: SelectorOptions = {}) {
     const { highWaterMark = 64 * 1024, lowWaterMark = 16 * 1024, trace, readGate } = options;
     if (!(lowWaterMark >= 0 && highWaterMark >= lowWaterMark)) {
-      throw new RangeError(
-        `Water marks must satisfy 0 <= low <= high: got low ${lowWaterMark}, high ${highWaterMark}`,
-      );
+      throw new RangeError(`Water marks need 0 <= low <= high: ${lowWaterMark}, ${highWaterMark}`);
     }
     this.highWaterMark = highWaterMark;
     this.lowWaterMark = lowWaterMark;
@@ -307,24 +228,16 @@ export class Selector {
     return this.#keys.size;
   }
 
-  /**
-   * performance.now() when select() last returned (asyncio's `loop.time()`):
-   * a clock for callbacks, which run just after, without reading the clock
-   * again (each read costs 0.1-0.2 µs on some machines).
-   */
+  /** performance.now() when select() last returned (asyncio's `loop.time()`): no clock read per callback. */
   get now(): number {
     return this.#now;
   }
 
   /**
-   * Starts watching a resource. With READ interest the dispatcher starts an
-   * accept (listener) or a read (connection) right away.
+   * Starts watching a resource for `events`: {@linkcode READ}, {@linkcode WRITE}
+   * (not for listeners), both, or 0. {@linkcode Selector.run} calls `callback`
+   * when the key is ready; `data` is anything you attach.
    *
-   * @param resource A listener, a connection or a datagram socket.
-   * @param events {@linkcode READ}, {@linkcode WRITE} (not for listeners), both, or 0.
-   * @param callback What {@linkcode Selector.run} calls when the key is ready.
-   * @param data Anything to attach to the key.
-   * @returns The new key.
    * @throws {Error} If the resource is already registered or the selector is closed.
    */
   register<T = undefined>(
@@ -334,9 +247,7 @@ export class Selector {
     data?: T,
   ): SelectorKey<T> {
     if (this.#closed) throw new Error("Cannot register: the selector is closed");
-    if (this.#keys.has(resource)) {
-      throw new Error("Cannot register: the resource is already registered");
-    }
+    if (this.#keys.has(resource)) throw new Error("Cannot register: it is already registered");
     const interest = checkEvents(resource, events);
     const core = this.#core;
     const key = "read" in resource
@@ -351,14 +262,9 @@ export class Selector {
   }
 
   /**
-   * Changes a registered resource's interest, and its callback or data if given.
-   * Interest 0 pauses it: nothing is reported and no new read or accept starts.
+   * Changes a registered resource's interest, and its callback or data if given
+   * (kept if omitted). Interest 0 pauses it: nothing reported, nothing started.
    *
-   * @param resource A registered resource.
-   * @param events The new interest.
-   * @param callback The new callback; the old one is kept if omitted.
-   * @param data The new data; the old data is kept if omitted.
-   * @returns The key.
    * @throws {Error} If the resource is not registered.
    */
   modify<T = undefined>(
@@ -379,11 +285,8 @@ export class Selector {
   /**
    * Stops watching a resource and drops what is pending for it: an accepted
    * connection not yet taken, received bytes, bytes queued by `send()`. The
-   * resource stays open: close it, which also ends the read or accept Deno
-   * still has in flight for it.
+   * resource stays open: close it, which also ends what Deno has in flight.
    *
-   * @param resource A registered resource.
-   * @returns The key it had.
    * @throws {Error} If the resource is not registered.
    */
   unregister(resource: Resource): SelectorKey {
@@ -394,29 +297,24 @@ export class Selector {
     return key;
   }
 
-  /**
-   * The key of a registered resource.
-   *
-   * @param resource Any resource.
-   * @returns Its key, or `undefined` if it is not registered.
-   */
+  /** The key of a registered resource, or `undefined`. */
   getKey(resource: Resource): SelectorKey | undefined {
     return this.#keys.get(resource);
   }
 
   /**
-   * Waits until at least one registered resource is ready, or the timeout passes.
-   * A key stays ready until its callback takes the result (level-triggered).
+   * Waits until a registered resource is ready, or `timeout` milliseconds pass
+   * (0 polls; none waits, but an empty selector returns at once). A key stays
+   * ready until its callback takes the result (level-triggered).
    *
-   * @param timeout Milliseconds to wait at most; 0 polls; omit to wait until
-   *   something is ready (an empty selector returns at once).
-   * @returns `[key, mask]` pairs, mask being the ready events of interest. The
-   *   array and the pairs are reused by the next call.
+   * @returns `[key, mask]` pairs, mask being the ready events of interest; the
+   *   next call reuses the array and the pairs.
    */
   async select(timeout?: number): Promise<ReadyEvent[]> {
-    this.#enter();
+    if (this.#selecting) throw new Error("Cannot select: another select() is waiting");
+    this.#selecting = true;
     try {
-      const waiting = this.#prepare(timeout);
+      const waiting = this.#core.prepare(timeout, this.#closed || this.#keys.size === 0);
       if (waiting) await waiting;
       return this.#collect();
     } finally {
@@ -424,18 +322,15 @@ export class Selector {
     }
   }
 
-  /**
-   * The loop: select, then call each ready key's callback with its mask, until
-   * the selector is closed or no resource is left.
-   *
-   * @returns A promise that settles when the loop ends; it rejects if a callback throws.
-   */
+  /** The loop: select, call each ready key's callback, until closed or empty; rejects if one throws. */
   async run(): Promise<void> {
-    this.#enter();
+    if (this.#selecting) throw new Error("Cannot select: another select() is waiting");
+    this.#selecting = true;
     const { trace } = this.#core;
     try {
       while (!this.#closed && this.#keys.size > 0) {
-        const waiting = this.#prepare(undefined); // select(), without a promise of its own
+        // select(), without a promise of its own:
+        const waiting = this.#core.prepare(undefined, this.#keys.size === 0);
         if (waiting) await waiting;
         const events = this.#collect();
         for (let i = 0; i < events.length; i++) {
@@ -450,10 +345,7 @@ export class Selector {
     }
   }
 
-  /**
-   * Unregisters and closes every resource (closing is the only way to end the
-   * reads and accepts Deno has in flight), and ends `run()`.
-   */
+  /** Unregisters and closes every resource (the only way to end what Deno has in flight); ends run(). */
   close(): void {
     if (this.#closed) return;
     this.#closed = true;
@@ -468,24 +360,6 @@ export class Selector {
     this.#keys.clear();
     this.#core.gate?.close();
     this.#core.wakeUp();
-  }
-
-  #enter(): void {
-    if (this.#selecting) throw new Error("Cannot select: another select() is waiting");
-    this.#selecting = true;
-  }
-
-  /** What select() does before it waits: returns what to wait for, if anything. */
-  #prepare(timeout: number | undefined): Promise<unknown> | undefined {
-    const core = this.#core;
-    const relisted = core.unpinAll();
-    if (relisted > 0 && relisted === core.readyCount) {
-      // Only old events: let Deno poll I/O first, or this loop would starve it.
-      return new Promise((resolve) => setTimeout(resolve, 0));
-    }
-    if (core.readyCount === 0 && !this.#closed && this.#keys.size > 0 && timeout !== 0) {
-      return core.wait(timeout);
-    }
   }
 
   /** What select() does once it has waited: takes the ready keys. */
@@ -505,52 +379,26 @@ export class Selector {
   }
 }
 
-/**
- * What every selector offers, as Python's `BaseSelector` states it once for
- * all of them: the public API of {@linkcode Selector}. Code written against
- * it (async_loop.ts, the server) runs on any selector; epoll.ts is another.
- */
-export type BaseSelector = Pick<
-  Selector,
-  | "highWaterMark"
-  | "lowWaterMark"
-  | "size"
-  | "now"
-  | "register"
-  | "modify"
-  | "unregister"
-  | "getKey"
-  | "select"
-  | "run"
-  | "close"
->;
+/** What every selector offers (Python's `BaseSelector`): code written against it runs on any. */
+export type BaseSelector = Pick<Selector, keyof Selector>;
 
 /** Checks an interest mask: READ and WRITE bits only, READ only for a listener. */
 function checkEvents(resource: Resource, events: number): number {
   const isListener = !("remoteAddr" in resource) && !("receive" in resource);
   const valid = isListener ? READ : READ | WRITE;
-  if (!Number.isInteger(events) || (events & ~valid) !== 0) {
-    throw new RangeError(
-      `Invalid events ${events}: a ${
-        isListener ? "listener takes READ" : "connection or datagram socket takes READ and WRITE"
-      }`,
-    );
-  }
-  return events;
+  if (Number.isInteger(events) && (events & ~valid) === 0) return events;
+  const takes = isListener
+    ? "listener takes READ"
+    : "connection or datagram socket takes READ and WRITE";
+  throw new RangeError(`Invalid events ${events}: a ${takes}`);
 }
 
-// ===========================================================================
-// §2 The core: the ready list, and the keys that fill it
-// ===========================================================================
+// §2 The core: the ready list, and the keys that fill it ======================
 
 /**
- * What every key of one selector shares: the ready list, the wake-up of the
- * waiting `select()`, and the keys whose bytes are pinned until the next one.
- *
- * A key is on the ready list at most once (`key.listed`). Each `select()`
- * takes the whole list and reports the keys that are still ready for an event
- * of interest; a key whose callback did not take its result is put back by
- * the next `select()`, as a level-triggered selector reports it again.
+ * What one selector's keys share: the ready list, the wake-up of `select()`, the keys
+ * pinned until the next one. Each `select()` takes the list and reports the keys still
+ * ready; a key whose callback did not take its result is listed again (level-triggered).
  */
 class SelectorCore {
   /** Keys that may be ready, each once: what the next select() looks at. */
@@ -562,21 +410,13 @@ class SelectorCore {
   /** Resolves the waiting select(), while one waits. */
   #wake: (() => void) | undefined = undefined;
 
+  /** The selector's water marks, trace function and read gate: what its keys use of its options. */
   constructor(
-    /** Queued bytes above which a connection stops reading (backpressure). */
     readonly highWaterMark: number,
-    /** Queued bytes at or below which a paused connection reads again. */
     readonly lowWaterMark: number,
-    /** The selector's trace function, if any: keys report backpressure through it. */
     readonly trace: ((event: TraceEvent) => void) | undefined,
-    /** The plug-in that decides when reads start, if any. */
     readonly gate: ReadGate | undefined,
   ) {}
-
-  /** How many keys are on the ready list. */
-  get readyCount(): number {
-    return this.#ready.length;
-  }
 
   /** Puts a key that may be ready on the ready list, and wakes select(); returns whether it was added. */
   markReady(key: Key): boolean {
@@ -594,29 +434,35 @@ class SelectorCore {
   }
 
   /** Unpins the keys pinned since the last select(); returns how many went back on the ready list. */
-  unpinAll(): number {
+  #unpinAll(): number {
     let relisted = 0;
     for (const key of this.#pinned) if (key.unpin()) relisted++;
     this.#pinned.length = 0;
     return relisted;
   }
 
-  /** Waits until a key is marked ready or the timeout passes (`undefined`: no timeout). */
-  wait(timeout: number | undefined): Promise<void> {
-    if (timeout === undefined) return new Promise<void>(this.#waitForever);
-    return new Promise<void>((resolve) => {
-      const timer = setTimeout(() => {
-        this.#wake = undefined;
-        resolve();
-      }, timeout);
-      this.#wake = () => {
-        clearTimeout(timer);
-        resolve();
-      };
-    });
+  /**
+   * What select() does before it waits: unpins the keys pinned since the last
+   * one, and returns what to wait for: a key marked ready, or `timeout` ms
+   * (none: no timeout), if nothing is ready and `idle` is false.
+   */
+  prepare(timeout: number | undefined, idle: boolean): Promise<void> | undefined {
+    const relisted = this.#unpinAll();
+    if (relisted > 0 && relisted === this.#ready.length) {
+      // Only old events: let Deno poll I/O first, or this loop would starve it.
+      return new Promise((resolve) => setTimeout(resolve, 0));
+    }
+    if (this.#ready.length === 0 && !idle && timeout !== 0) return this.#wait(timeout);
   }
 
-  /** The executor of wait() without a timeout, made once. */
+  #wait(timeout: number | undefined): Promise<void> {
+    const waiting = new Promise<void>(this.#waitForever);
+    if (timeout === undefined) return waiting;
+    const timer = setTimeout(() => this.wakeUp(), timeout);
+    return waiting.finally(() => clearTimeout(timer));
+  }
+
+  /** The executor of wait()'s promise, made once. */
   #waitForever = (resolve: () => void): void => {
     this.#wake = resolve;
   };
@@ -652,7 +498,10 @@ class SelectorCore {
 // deno-lint-ignore no-explicit-any
 type AnyData = any;
 
-/** What every key shares; the implementation of SelectorKey. */
+/**
+ * What every key shares. Each kind keeps one operation in flight (an accept, a read, a
+ * receive); its result waits, READ-ready, until the callback takes it; then the next starts.
+ */
 abstract class Key implements SelectorKey<AnyData> {
   error: Error | undefined = undefined;
   /** The `[key, mask]` pair select() reports for this key, made once and reused. */
@@ -663,64 +512,80 @@ abstract class Key implements SelectorKey<AnyData> {
   registered = true;
   /** True from the select() that reported the key (or from recv()) to the next select(). */
   pinned = false;
+  /** True once the resource is closed: its error stays, and nothing is tried again. */
+  gone = false;
+  /** After a passing error, the timer before the next try: no spinning on a failure. */
+  retryTimer: ReturnType<typeof setTimeout> | undefined = undefined;
 
   constructor(
     readonly resource: Resource,
     public events: number,
     public callback: Callback<AnyData>,
     public data: AnyData,
-    /** The ready list and what else the selector's keys share. */
-    protected readonly core: SelectorCore,
+    protected readonly core: SelectorCore, // the ready list, and what else the keys share
   ) {
     this.event = [this, 0];
   }
 
   /** The events the key is ready for, whatever its interest. */
   abstract get readiness(): number;
-  /** Starts the next accept or read, if the key wants one and nothing holds it back. */
+  /** Starts the next operation, if the key wants one and nothing holds it back. */
   abstract startNext(): void;
+
   /** Drops everything pending; late completions are ignored from now on. */
-  abstract cancel(): void;
+  cancel(): void {
+    this.registered = false;
+    clearTimeout(this.retryTimer);
+  }
+
+  /** Reports a failed accept or receive, and retries in `ms`, unless the resource is gone. */
+  protected retryLater(error: Error, ms: number): void {
+    if (resourceGone(error)) this.gone = true;
+    else this.retryTimer = setTimeout(this.#retry, ms);
+    this.error = error;
+    this.core.markReady(this);
+  }
+
+  #retry = (): void => {
+    this.retryTimer = undefined;
+    this.startNext();
+  };
+
+  /** Throws the error a READ-ready key reports; it passes, unless the resource is gone. */
+  protected throwError(call: string): never {
+    const error = this.error;
+    if (!this.gone) this.error = undefined;
+    throw error ?? new Deno.errors.WouldBlock(`${call} before the key was ready`);
+  }
 
   get queued(): number {
     return 0;
   }
 
+  // What does not fit the key's resource: each kind of key overrides its own.
   accept(): ConnResource {
     throw new TypeError("accept() needs a listener's key");
   }
-
   recv(): Uint8Array | null {
     throw new TypeError("recv() needs a connection's key");
   }
-
   send(_bytes: Uint8Array): void {
     throw new TypeError("send() needs a connection's key");
   }
-
   recvfrom(): [Uint8Array, Deno.Addr] {
     throw new TypeError("recvfrom() needs a datagram socket's key");
   }
-
   sendto(_bytes: Uint8Array, _addr: Deno.Addr): void {
     throw new TypeError("sendto() needs a datagram socket's key");
   }
-
   retain(): void {
     throw new TypeError("retain() needs a connection's or datagram socket's key");
   }
-
   release(): void {
     throw new TypeError("release() needs a connection's or datagram socket's key");
   }
 
-  /**
-   * Called by the next select(): the bytes recv() handed out may be reused now.
-   * A key still ready (its callback did not take the result) goes back on the
-   * ready list.
-   *
-   * @returns Whether the key went back on the ready list.
-   */
+  /** Called by the next select(): the buffer is free again; a key still ready is relisted (true). */
   unpin(): boolean {
     this.pinned = false;
     if (!this.registered) return false;
@@ -746,23 +611,14 @@ function resourceGone(error: unknown): boolean {
     error instanceof Deno.errors.Interrupted;
 }
 
-/**
- * A listener's key: keeps one accept in flight. When accepting fails for want
- * of descriptors (EMFILE), retrying at once would spin the CPU, so it backs off.
- */
+/** A listener's key: its operation is an accept; out of descriptors (EMFILE), it backs off. */
 class ListenerKey extends Key {
-  /** True while an accept() is pending: one at a time. */
+  /** True while an accept() is pending. */
   #accepting = false;
   /** The connection accepted and not yet taken by accept(). */
   #accepted: Deno.Conn | null = null;
-  /** True once the listener is closed: no accept will ever work again. */
-  #gone = false;
   /** The current back-off: 0 after a success, doubling with each failure. */
   #backoffMs = 0;
-  /** performance.now() before which no accept is tried. */
-  #retryAt = 0;
-  /** The timer that ends a back-off. */
-  #retryTimer: ReturnType<typeof setTimeout> | undefined = undefined;
 
   get readiness(): number {
     return this.error || this.#accepted ? READ : 0;
@@ -771,30 +627,20 @@ class ListenerKey extends Key {
   override accept(): Deno.Conn {
     const conn = this.#accepted;
     this.#accepted = null;
-    if (conn) return conn;
-    const error = this.error;
-    if (!this.#gone) this.error = undefined; // accept errors pass; the next accept may work
-    throw error ?? new Deno.errors.WouldBlock("accept() before the key was ready");
+    return conn ?? this.throwError("accept()");
   }
 
   startNext(): void {
     if (
       this.#accepting || !this.registered || !(this.events & READ) || this.error ||
-      this.#accepted || this.#retryTimer
+      this.#accepted || this.retryTimer
     ) return;
-    const wait = this.#retryAt && this.#retryAt - performance.now();
-    if (wait > 0) {
-      this.#retryTimer = setTimeout(this.#retry, wait);
-      return;
-    }
     this.#accepting = true;
     (this.resource as Deno.Listener).accept().then(this.#onAccept, this.#onAcceptError);
   }
 
-  cancel(): void {
-    this.registered = false;
-    clearTimeout(this.#retryTimer);
-    this.#retryTimer = undefined;
+  override cancel(): void {
+    super.cancel();
     this.#accepted?.close(); // accepted by us, never handed out
     this.#accepted = null;
   }
@@ -802,7 +648,6 @@ class ListenerKey extends Key {
   #onAccept = (conn: Deno.Conn): void => {
     this.#accepting = false;
     this.#backoffMs = 0;
-    this.#retryAt = 0;
     if (!this.registered) return conn.close();
     this.#accepted = conn;
     this.core.markReady(this);
@@ -812,31 +657,16 @@ class ListenerKey extends Key {
     this.#accepting = false;
     if (!this.registered) return;
     if (peerLeft(error)) return this.startNext(); // nothing to report: accept the next one
-    if (resourceGone(error)) this.#gone = true;
-    else {
-      this.#backoffMs = Math.min(MAX_BACKOFF_MS, Math.max(MIN_BACKOFF_MS, this.#backoffMs * 2));
-      this.#retryAt = performance.now() + this.#backoffMs;
-    }
-    this.error = error;
-    this.core.markReady(this);
-  };
-
-  #retry = (): void => {
-    this.#retryTimer = undefined;
-    this.#retryAt = 0;
-    this.startNext();
+    this.#backoffMs = Math.min(MAX_BACKOFF_MS, Math.max(MIN_BACKOFF_MS, this.#backoffMs * 2));
+    this.retryLater(error, this.#backoffMs);
   };
 }
 
-/**
- * Bytes waiting to be written, in order: a connection's chunks, or a datagram
- * socket's datagrams with their addresses. One array with a moving head, since
- * shifting the array on each write would cost O(n).
- */
+/** Bytes waiting to be written, in order: chunks, or datagrams with their addresses. */
 class SendQueue {
-  /** The chunks, from #head on; those before are written. */
+  /** The chunks, from #head on (a moving head: shifting would cost O(n) per write). */
   #chunks: (Uint8Array | undefined)[] = [];
-  /** Each datagram's address, at its chunk's index (datagram sockets only). */
+  /** Each chunk's address, for a datagram (undefined for a stream's chunks). */
   #to: (Deno.Addr | undefined)[] = [];
   #head = 0;
   /** Bytes in the queue. */
@@ -857,10 +687,10 @@ class SendQueue {
     return this.#to[this.#head]!;
   }
 
-  /** Adds a chunk, and for a datagram its address (then every chunk has one). */
+  /** Adds a chunk, and for a datagram its address. */
   push(chunk: Uint8Array, to?: Deno.Addr): void {
     this.#chunks.push(chunk);
-    if (to) this.#to.push(to);
+    this.#to.push(to);
     this.bytes += chunk.byteLength;
   }
 
@@ -872,8 +702,7 @@ class SendQueue {
       this.#chunks[this.#head] = chunk.subarray(n); // a partial write: go on with the rest
       return undefined;
     }
-    this.#chunks[this.#head] = undefined;
-    if (this.#to.length > 0) this.#to[this.#head] = undefined;
+    this.#chunks[this.#head] = this.#to[this.#head] = undefined;
     if (++this.#head === this.#chunks.length) {
       this.#chunks.length = this.#to.length = this.#head = 0;
     }
@@ -884,29 +713,20 @@ class SendQueue {
   drop(keepFirst: boolean, dropped: (chunk: Uint8Array) => void): void {
     const from = keepFirst ? this.#head + 1 : this.#head;
     for (let i = from; i < this.#chunks.length; i++) dropped(this.#chunks[i]!);
-    if (keepFirst) {
-      this.#chunks.length = from;
-      if (this.#to.length > from) this.#to.length = from;
-    } else this.#chunks.length = this.#to.length = this.#head = 0;
+    this.#chunks.length = this.#to.length = from;
+    if (!keepFirst) this.#chunks.length = this.#to.length = this.#head = 0;
     this.bytes = 0;
   }
 }
 
 /**
- * Zero-copy echo. recv() hands out the key's read buffer itself, not a copy, so
- * `send(recv())` writes those very bytes. While any of them wait in a send
- * queue (on this key or another), or while the caller retains them, the
- * buffer is *lent*, and the key starts no read, since a read would overwrite
- * them; the last write of a lent chunk, or release(), returns it. This map
- * finds the key a buffer belongs to, from any send queue.
+ * Zero-copy echo: recv() hands out the key's read buffer itself, so `send(recv())` queues
+ * those very bytes. While any wait in a send queue (any key's), or are retained, the buffer
+ * is *lent*, and no read may overwrite it. This map finds a buffer's key from any queue.
  */
 const lenders = new WeakMap<ArrayBufferLike, BufferedKey>();
 
-/**
- * What connection and datagram keys share: a read buffer lent while its bytes
- * wait in a send queue or are retained, and the send queue, written one chunk
- * at a time, with backpressure.
- */
+/** What connection and datagram keys share: the read buffer and its loans, the send queue. */
 abstract class BufferedKey extends Key {
   /** The read buffer: recv() and recvfrom() hand out views of it (see `lenders`). */
   protected buf: Uint8Array | undefined = undefined;
@@ -969,7 +789,7 @@ abstract class BufferedKey extends Key {
 
   /** Drops the queue: nothing more will be written (a write in flight returns its chunk later). */
   protected dropQueue(): void {
-    this.queue.drop(this.writing, this.#returnChunk);
+    this.queue.drop(this.writing, (chunk) => this.#loan(chunk, -1));
   }
 
   #writeNext(): void {
@@ -998,16 +818,14 @@ abstract class BufferedKey extends Key {
     this.writing = false;
     this.#loan(this.queue.written(this.queue.first.byteLength)!, -1);
     this.dropQueue(); // nothing more can be written
-    this.fail(error);
+    this.broken(error);
   };
 
-  /** The key has failed for good: it reports the error, as READ and WRITE. */
-  protected fail(error: Error): void {
+  /** The connection is broken for good: it reports the error, as READ and WRITE. */
+  protected broken(error: Error): void {
     this.error ??= error;
     this.core.markReady(this);
   }
-
-  #returnChunk = (chunk: Uint8Array): void => this.#loan(chunk, -1);
 
   /** Tells the key whose buffer `bytes` come from that they enter (+1) or leave (-1) a queue. */
   #loan(bytes: Uint8Array, delta: number): void {
@@ -1023,18 +841,16 @@ abstract class BufferedKey extends Key {
 }
 
 /**
- * Read sizes. V8 zero-fills every buffer, so each one is resident memory: an
- * idle connection waits on MIN_READ bytes. A read that fills its buffer makes
- * the next one 4 times larger, up to MAX_READ; a read of a sixteenth or less
- * drops it back to MIN_READ.
+ * Read sizes. V8 zero-fills buffers, so an idle connection holds MIN_READ bytes of
+ * memory; a full read makes the next 4 times larger, one of 1/16 or less, MIN_READ.
  */
 const MIN_READ = 256;
 const MAX_READ = 64 * 1024;
 
-/** A connection's key: keeps one read in flight, and writes what send() queues. */
+/** A connection's key: its operation is a read; it writes what send() queues. */
 class ConnKey extends BufferedKey implements GatedRead {
   gateNote: unknown = undefined;
-  /** True while a read() is pending: one at a time. */
+  /** True while a read() is pending. */
   #reading = false;
   /** What the last read gave and recv() has not taken: a byte count, null at EOF. */
   #received: number | null | undefined = undefined;
@@ -1074,8 +890,8 @@ class ConnKey extends BufferedKey implements GatedRead {
     (this.resource as Deno.Conn).read(buf).then(this.#onRead, this.#onReadError);
   }
 
-  cancel(): void {
-    this.registered = false;
+  override cancel(): void {
+    super.cancel();
     this.dropQueue();
   }
 
@@ -1101,7 +917,7 @@ class ConnKey extends BufferedKey implements GatedRead {
 
   #onReadError = (error: Error): void => {
     this.#reading = false;
-    if (this.registered) this.fail(error);
+    if (this.registered) this.broken(error);
     this.core.gate?.readDone(this); // last, as in #onRead
   };
 }
@@ -1111,46 +927,28 @@ const DATAGRAM_BUFFER = 65_536;
 /** After a receive error other than closing, the next receive waits this long (no spin). */
 const DATAGRAM_RETRY_MS = 10;
 
-/**
- * A datagram socket's key: keeps one receive in flight (concurrent receives
- * complete out of order) into a buffer that holds any datagram whole, and
- * sends what sendto() queues, one datagram at a time, in order. A read gate
- * does not apply: it is one socket.
- */
+/** A datagram socket's key: its operation is a receive, into a buffer any datagram fits. */
 class DatagramKey extends BufferedKey {
-  /** True while a receive() is pending. */
+  /** True while a receive() is pending (concurrent ones complete out of order). */
   #receiving = false;
   /** The datagram received and not yet taken, and its sender. */
-  #datagram: Uint8Array | undefined = undefined;
-  #from: Deno.Addr | undefined = undefined;
-  /** True once the socket is closed: no receive will ever work again. */
-  #gone = false;
-  /** The timer that ends the pause after a receive error. */
-  #retryTimer: ReturnType<typeof setTimeout> | undefined = undefined;
+  #received: [Uint8Array, Deno.Addr] | undefined = undefined;
 
   get readiness(): number {
     if (this.error) return READ | WRITE;
-    return (this.#datagram ? READ : 0) | (this.queue.length === 0 ? WRITE : 0);
+    return (this.#received ? READ : 0) | (this.queue.length === 0 ? WRITE : 0);
   }
 
   override recvfrom(): [Uint8Array, Deno.Addr] {
-    const datagram = this.#datagram;
-    if (datagram) {
-      this.#datagram = undefined;
-      if (!this.pinned) this.core.pin(this); // the bytes are the caller's until select()
-      return [datagram, this.#from!];
-    }
-    const error = this.error;
-    if (!error) throw new Deno.errors.WouldBlock("recvfrom() before the key was ready");
-    if (!this.#gone) { // a passing error: receive again after a pause
-      this.error = undefined;
-      this.#retryTimer = setTimeout(this.#retry, DATAGRAM_RETRY_MS);
-    }
-    throw error;
+    const received = this.#received;
+    if (!received) return this.throwError("recvfrom()");
+    this.#received = undefined;
+    if (!this.pinned) this.core.pin(this); // the bytes are the caller's until select()
+    return received;
   }
 
   override sendto(bytes: Uint8Array, addr: Deno.Addr): void {
-    if (this.#gone) throw this.error;
+    if (this.gone) throw this.error;
     if (!this.registered) throw new Deno.errors.BadResource("sendto() on an unregistered key");
     this.enqueue(bytes, addr);
   }
@@ -1158,19 +956,15 @@ class DatagramKey extends BufferedKey {
   startNext(): void {
     if (
       this.#receiving || !this.registered || !(this.events & READ) || this.error ||
-      this.#datagram || this.pinned || this.blocked || this.#retryTimer
+      this.#received || this.pinned || this.blocked || this.retryTimer
     ) return;
     this.#receiving = true;
-    (this.resource as Deno.DatagramConn).receive(this.bufferOf(DATAGRAM_BUFFER)).then(
-      this.#onReceive,
-      this.#onReceiveError,
-    );
+    const receiving = (this.resource as Deno.DatagramConn).receive(this.bufferOf(DATAGRAM_BUFFER));
+    receiving.then(this.#onReceive, this.#onReceiveError);
   }
 
-  cancel(): void {
-    this.registered = false;
-    clearTimeout(this.#retryTimer);
-    this.#retryTimer = undefined;
+  override cancel(): void {
+    super.cancel();
     this.dropQueue();
   }
 
@@ -1182,29 +976,18 @@ class DatagramKey extends BufferedKey {
 
   /** A datagram the kernel refuses is dropped, as UDP drops; only a closed socket ends the key. */
   protected fatal(error: Error): boolean {
-    if (!resourceGone(error)) return false;
-    this.#gone = true;
-    return true;
+    return this.gone ||= resourceGone(error);
   }
 
-  #onReceive = ([datagram, from]: [Uint8Array, Deno.Addr]): void => {
+  #onReceive = (received: [Uint8Array, Deno.Addr]): void => {
     this.#receiving = false;
     if (!this.registered) return;
-    this.#datagram = datagram;
-    this.#from = from;
+    this.#received = received;
     this.core.markReady(this);
   };
 
   #onReceiveError = (error: Error): void => {
     this.#receiving = false;
-    if (!this.registered) return;
-    if (resourceGone(error)) this.#gone = true;
-    this.error = error;
-    this.core.markReady(this);
-  };
-
-  #retry = (): void => {
-    this.#retryTimer = undefined;
-    this.startNext();
+    if (this.registered) this.retryLater(error, DATAGRAM_RETRY_MS);
   };
 }
