@@ -224,6 +224,9 @@ class Service implements EchoServer {
   readonly #socketFile: number | null = null;
   /** Settles when the engine's run() ends. */
   readonly #stopped = Promise.withResolvers<void>();
+  /** Per message: log it (`verbose`); keep the time of the last read (an idle timeout is set). */
+  readonly #verbose: boolean;
+  readonly #idleTimeout: number;
   #outOfDescriptors = false;
   /** stats.dropped when the last line about drops was printed. */
   #droppedLogged = 0;
@@ -233,6 +236,8 @@ class Service implements EchoServer {
 
   constructor(options: typeof DEFAULTS, given: ServeOptions) {
     this.#options = options;
+    this.#verbose = options.logLevel === "verbose";
+    this.#idleTimeout = options.idleTimeout;
     const { unixPath, hostname, port, reusePort, udp, udpRate, style } = options;
     this.trace = given.trace;
     this.log = given.log ?? logTo(options.logFormat);
@@ -347,13 +352,11 @@ class Service implements EchoServer {
   }
 
   received(conn: Conn, data: Uint8Array): void {
-    if (this.#options.logLevel === "verbose") {
-      this.log.info(`${peerOf(conn)} echoing ${data.length} bytes`);
-    }
+    if (this.#verbose) this.log.info(`${peerOf(conn)} echoing ${data.length} bytes`);
     conn.data.bytes += data.length;
     this.stats.bytes += data.length;
     this.#metrics?.bytes.add(data.length);
-    if (this.#options.idleTimeout) conn.data.lastRead = this.selector.now;
+    if (this.#idleTimeout) conn.data.lastRead = this.selector.now;
   }
 
   close(conn: Conn, error?: unknown): void {
