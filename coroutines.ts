@@ -43,25 +43,6 @@ export function coroutines(server: EchoServer): Engine {
   /** The UDP socket, with --udp. */
   let udpSocket: DatagramSocket | undefined = undefined;
 
-  // The accept loop: the lesson's accept(), as a coroutine.
-  async function acceptLoop(): Promise<void> {
-    while (!server.shuttingDown) {
-      if (slotFree) await slotFree.promise;
-      if (server.shuttingDown) return;
-      let conn: Connection<ConnInfo>;
-      try {
-        conn = await loop.accept(listener) as Connection<ConnInfo>;
-      } catch (error) {
-        if (server.shuttingDown) return;
-        server.acceptFailed(error);
-        continue;
-      }
-      conn.data = server.welcome(conn.resource);
-      server.opened(conn);
-      loop.spawn(handle(conn));
-    }
-  }
-
   // A connection's life as one coroutine, through the states of callbacks.ts:
   // reading, flushing at EOF, and at shutdown draining and half-closed; closed
   // on any error.
@@ -87,6 +68,25 @@ export function coroutines(server: EchoServer): Engine {
       server.close(conn);
     } catch (error) {
       server.close(conn, error);
+    }
+  }
+
+  // The accept loop: the lesson's accept(), as a coroutine.
+  async function acceptLoop(): Promise<void> {
+    while (!server.shuttingDown) {
+      if (slotFree) await slotFree.promise;
+      if (server.shuttingDown) return;
+      let conn: Connection<ConnInfo>;
+      try {
+        conn = await loop.accept(listener) as Connection<ConnInfo>;
+      } catch (error) {
+        if (server.shuttingDown) return;
+        server.acceptFailed(error);
+        continue;
+      }
+      conn.data = server.welcome(conn.resource);
+      server.opened(conn);
+      loop.spawn(handle(conn));
     }
   }
 

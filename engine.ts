@@ -30,7 +30,7 @@ export interface ConnInfo {
 }
 
 /** A served connection, as its style holds it: a selector key, or a coroutine's Connection. */
-export interface Conn {
+export interface ServedConn {
   /** The connection itself (a {@linkcode ConnResource}). */
   readonly resource: Resource;
   /** Bytes queued and not yet written back. */
@@ -54,15 +54,15 @@ export interface EchoServer {
   /** A connection was accepted: logs it, and makes its record. */
   welcome(conn: ConnResource): ConnInfo;
   /** The connection is registered and served: counts it, and stops accepting at the cap. */
-  opened(conn: Conn): void;
+  opened(conn: ServedConn): void;
   /** Accepting failed: logs why (once while out of descriptors; the selector backs off). */
   acceptFailed(error: unknown): void;
   /** Bytes arrived, about to be echoed: counts them, and keeps the connection from idling out. */
-  received(conn: Conn, data: Uint8Array): void;
+  received(conn: ServedConn, data: Uint8Array): void;
   /** The connection has ended, in an error or not: counts it, and calls the engine's closeNow(). */
-  close(conn: Conn, error?: unknown): void;
+  close(conn: ServedConn, error?: unknown): void;
   /** Whether the connection is still served: not closed yet (the grace period closes some). */
-  serving(conn: Conn): boolean;
+  serving(conn: ServedConn): boolean;
   /** A datagram arrived: whether to echo it to its sender (see udp_guard.ts). */
   answer(datagram: Uint8Array, from: Deno.Addr): boolean;
   /** The datagram socket is closed, at shutdown. */
@@ -78,9 +78,9 @@ export interface Engine {
   /** Stops accepting for good: the server is shutting down (it closes the listener after). */
   stopAccepting(): void;
   /** Closes a connection now. */
-  closeNow(conn: Conn): void;
+  closeNow(conn: ServedConn): void;
   /** At shutdown: writes back what is queued, half-closes, waits for the peer's EOF, closes. */
-  shutdown(conn: Conn): void;
+  shutdown(conn: ServedConn): void;
   /** Starts echoing datagrams on the UDP socket. */
   serveDatagrams(socket: DatagramResource): void;
   /** At shutdown: sends the replies queued, then closes the socket and calls datagramsClosed(). */

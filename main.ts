@@ -55,12 +55,12 @@ ${USAGE}
   --verbose          also log every echo
   --quiet            log errors only
   --workers N        N processes share the port (SO_REUSEPORT, Linux), auto: one per CPU;
-                     the parent restarts a worker that dies and drains all on a signal.
+                     the parent restarts a worker that dies, and shuts all down on a signal.
                      Needs --allow-run=deno and --unstable-net (deno task start has both);
                      each worker gets only --allow-net for its host. --max-conns is per worker,
                      and the first worker serves --udp
   --worker ID        set by --workers on each worker it starts: share the port, log JSON
-                     lines for the parent, drain when stdin closes
+                     lines for the parent, shut down when stdin closes
   --help             show this help
 
 SIGINT or SIGTERM shuts down gracefully: a second one exits at once.`;

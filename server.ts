@@ -19,7 +19,7 @@ import { type AnyTraceEvent, formatAddr } from "./trace.ts";
 import { ReplyGuard } from "./udp_guard.ts";
 import { describeError, type Log, type LogFormat, logTo } from "./log.ts";
 import { withDefaults } from "./cli.ts";
-import type { Conn, ConnInfo, EchoServer, Engine } from "./engine.ts";
+import type { ConnInfo, EchoServer, Engine, ServedConn } from "./engine.ts";
 import { callbacks } from "./callbacks.ts";
 import { coroutines } from "./coroutines.ts";
 
@@ -195,7 +195,7 @@ function openTelemetry() {
 }
 
 /** The name of a connection's peer, for log lines; a Unix socket's peers have none, so a number. */
-function peerOf(conn: Conn): string {
+function peerOf(conn: ServedConn): string {
   const { remoteAddr, localAddr } = conn.resource as ConnResource;
   return remoteAddr.transport === "unix"
     ? `${formatAddr(localAddr)}#${conn.data.id}`
@@ -214,7 +214,7 @@ class Service implements EchoServer {
   /** The engine that moves the bytes, in the chosen style. */
   readonly #engine: Engine;
   /** The connections served now. */
-  readonly #conns = new Set<Conn>();
+  readonly #conns = new Set<ServedConn>();
   /** The UDP socket, with `udp`, until it is closed. */
   readonly #datagrams: DatagramResource | undefined;
   #udpOpen: boolean;
@@ -329,7 +329,7 @@ class Service implements EchoServer {
     return info;
   }
 
-  opened(conn: Conn): void {
+  opened(conn: ServedConn): void {
     const conns = this.#conns;
     conns.add(conn);
     this.stats.peak = Math.max(this.stats.peak, conns.size);
@@ -351,7 +351,7 @@ class Service implements EchoServer {
     );
   }
 
-  received(conn: Conn, data: Uint8Array): void {
+  received(conn: ServedConn, data: Uint8Array): void {
     if (this.#verbose) this.log.info(`${peerOf(conn)} echoing ${data.length} bytes`);
     conn.data.bytes += data.length;
     this.stats.bytes += data.length;
@@ -359,7 +359,7 @@ class Service implements EchoServer {
     if (this.#idleTimeout) conn.data.lastRead = this.selector.now;
   }
 
-  close(conn: Conn, error?: unknown): void {
+  close(conn: ServedConn, error?: unknown): void {
     if (!this.#conns.delete(conn)) return; // closed already
     this.#engine.closeNow(conn);
     this.#metrics?.open.add(-1);
@@ -376,7 +376,7 @@ class Service implements EchoServer {
     else if (this.#conns.size === this.#options.maxConns - 1) this.#engine.accepting(true);
   }
 
-  serving(conn: Conn): boolean {
+  serving(conn: ServedConn): boolean {
     return this.#conns.has(conn);
   }
 

@@ -12,7 +12,7 @@
  *   parent prints them as its own (text or JSON), each tagged with the worker;
  * - a worker's `listening` line says its port; the parent announces the pool
  *   once all listen, and its `summary` line gives its counts at the end;
- * - the parent closes a worker's stdin to stop it: the worker drains and
+ * - the parent closes a worker's stdin to stop it: the worker shuts down and
  *   exits, as the single-process server does on SIGTERM. A parent that dies,
  *   even of SIGKILL, closes every worker's stdin with it: no orphan.
  *
@@ -71,7 +71,7 @@ class WorkerProcess {
   readonly exited: Promise<Deno.CommandStatus>;
   /** The last line it wrote on stderr: why it could not start. */
   lastError = "";
-  /** Its counts, from its summary line: a worker that drained to the end has them. */
+  /** Its counts, from its summary line: a worker that shut down cleanly has them. */
   stats: WorkerStats | undefined = undefined;
 
   constructor(readonly id: number, args: string[], print: (line: Line) => void) {
@@ -97,7 +97,7 @@ class WorkerProcess {
     }
   }
 
-  /** Asks the worker to drain and exit: closes its stdin. */
+  /** Asks the worker to shut down and exit: closes its stdin. */
   stop(): void {
     this.child.stdin.close().catch(() => {}); // closed already
   }
@@ -133,10 +133,10 @@ async function eachLine(stream: ReadableStream<Uint8Array>, onLine: (line: strin
 }
 
 /**
- * Runs the pool until SIGINT or SIGTERM, then drains every worker.
+ * Runs the pool until SIGINT or SIGTERM, then shuts every worker down.
  *
  * @param options How many workers, how to start one, and where to log.
- * @returns The exit code: 0 if every worker served to the end and drained; 1
+ * @returns The exit code: 0 if every worker served to the end and shut down; 1
  * if one died (it was restarted) or the pool could not start; 2 if a worker
  * refused its flags.
  */
@@ -147,7 +147,7 @@ export async function runWorkers(options: WorkerPoolOptions): Promise<number> {
   const totals: WorkerStats = { accepted: 0, bytes: 0, failed: 0 };
   const started = performance.now();
   let died = 0; // workers that exited while the pool was serving
-  let unclean = 0; // workers that did not drain to a summary at shutdown
+  let unclean = 0; // workers that did not shut down cleanly, with a summary
   let stopping = false;
   let serving = false;
 
@@ -202,9 +202,9 @@ export async function runWorkers(options: WorkerPoolOptions): Promise<number> {
     });
   };
 
-  // The first SIGINT or SIGTERM drains every worker; a second one kills them and exits.
-  // Installed before any worker starts: a signal during the start drains those started.
-  const drained = Promise.withResolvers<void>();
+  // The first SIGINT or SIGTERM shuts every worker down; a second one kills them and exits.
+  // Installed before any worker starts: a signal during the start stops those started.
+  const allStopped = Promise.withResolvers<void>();
   const signals = [["SIGINT", 130], ["SIGTERM", 143]] as const;
   const handlers = signals.map(([signal, status]) => {
     const handler = () => {
@@ -217,7 +217,7 @@ export async function runWorkers(options: WorkerPoolOptions): Promise<number> {
       say(`shutting down ${plural(workers.size, "worker")} (${signal} again to force)`);
       for (const worker of workers.values()) worker.stop();
       Promise.all([...workers.values()].map((worker) => worker.exited)).then(() =>
-        drained.resolve()
+        allStopped.resolve()
       );
     };
     Deno.addSignalListener(signal, handler);
@@ -248,7 +248,7 @@ export async function runWorkers(options: WorkerPoolOptions): Promise<number> {
   }
   for (const worker of workers.values()) watch(worker, port);
 
-  await drained.promise;
+  await allStopped.promise;
   for (const remove of handlers) remove();
   const seconds = ((performance.now() - started) / 1000).toFixed(1);
   const restarted = died ? `; ${plural(died, "worker")} restarted` : "";
