@@ -4,7 +4,7 @@
  * scenario by scenario, so that a noisy moment hits both. Prints a table of
  * round trips per second, latency percentiles, fairness, the ratio to the
  * baseline, and the memory each idle connection costs each server; and draws
- * round trips per second and p99 latency as bench/chart.svg.
+ * round trips per second and p99 latency as docs/bench.svg.
  *
  * Usage: deno task bench [--duration S] [--runs N]
  *
@@ -31,8 +31,8 @@ const SCENARIOS: Scenario[] = [
   { name: "rr 256 KiB x4", count: 4, size: 256 * 1024 },
 ];
 const IDLE_CONNECTIONS = 1000;
-/** Where the chart goes; README.md embeds it. */
-const CHART = new URL("chart.svg", import.meta.url).pathname;
+/** Where the chart goes; docs/performance.md shows it. */
+const CHART = new URL("../docs/bench.svg", import.meta.url).pathname;
 
 const root = new URL("../", import.meta.url).pathname;
 
