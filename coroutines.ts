@@ -60,7 +60,6 @@ export function coroutines(server: EchoServer): Engine {
       const interrupted = error instanceof Deno.errors.Interrupted;
       if (!(server.shuttingDown && interrupted)) return server.close(conn, error);
     }
-    if (!server.serving(conn)) return; // the grace period cut it
     try { // draining, then half-closed
       await loop.drain(conn);
       await conn.resource.closeWrite();

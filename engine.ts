@@ -61,8 +61,6 @@ export interface EchoServer {
   received(conn: ServedConn, data: Uint8Array): void;
   /** The connection has ended, in an error or not: counts it, and calls the engine's closeNow(). */
   close(conn: ServedConn, error?: unknown): void;
-  /** Whether the connection is still served: not closed yet (the grace period closes some). */
-  serving(conn: ServedConn): boolean;
   /** A datagram arrived: whether to echo it to its sender (see udp_guard.ts). */
   answer(datagram: Uint8Array, from: Deno.Addr): boolean;
   /** The datagram socket is closed, at shutdown. */

@@ -233,7 +233,7 @@ testEachStyle(
       timed(async () => {
         for (let i = 0; i < 20; i++) await roundTrip(steady, pattern(50_000, i));
       }),
-      resetStorm(server.port, 300, 200_000),
+      resetStorm(server.port, Array(300).fill(200_000)),
     ]);
     assertLessOrEqual(took, 3000, `the steady client's 20 round trips took ${took} ms`);
     await waitUntil(
@@ -296,6 +296,23 @@ testEachStyle(
     assertGreater(await took, 300, "cut before the grace period was over");
     assertEquals(server.stats.open, 0);
     stubborn.close();
+  },
+);
+
+testEachStyle(
+  "peers that reset while the server shuts down end in their error, and the shutdown does not wait for them",
+  async (style) => {
+    await using server = serveForTest({ style, gracePeriod: 10_000 });
+    // Two peers that vanish 500 ms after connecting, their echo unread: the kernel resets their
+    // connections (Deno's own close() would send a FIN first). One sent a little, so the
+    // server has half-closed it and waits for its EOF; the other sent more than the kernel
+    // buffers hold, so the server still has bytes to write back to it.
+    const vanishing = resetStorm(server.port, [1000, 16 << 20], 500);
+    await waitUntil(() => server.stats.open === 2 && server.stats.queued > 0, "a full queue");
+    const closing = server.close();
+    await vanishing;
+    await deadline(closing, "the shutdown after the resets", 3000);
+    assertEquals(server.stats.failed, 2, "both peers ended in an error");
   },
 );
 

@@ -68,6 +68,12 @@ export interface ServeOptions {
    * @default {true}
    */
   fairness?: boolean;
+  /**
+   * The selector to serve on and the sockets it watches, made for the given
+   * trace function and fairness (another selector, or stand-ins in tests).
+   * @default {denoSockets: loop.ts's Selector on Deno's own sockets}
+   */
+  sockets?: SocketsFactory;
   /** Where log lines go, instead of stdout and stderr in `logFormat`. */
   log?: Log;
   /** Called at each step of the loop, to watch it work (see trace.ts). */
@@ -115,7 +121,7 @@ export interface Server {
 }
 
 /** What {@linkcode serve} does when an option is not given; main.ts's flags share them. */
-export const DEFAULTS: Required<Omit<ServeOptions, "trace" | "log">> = {
+export const DEFAULTS: Required<Omit<ServeOptions, "trace" | "log" | "sockets">> = {
   hostname: "127.0.0.1",
   port: 8888,
   maxConns: 10_000,
@@ -147,15 +153,18 @@ export interface Sockets {
   listenDatagram(hostname: string, port: number): DatagramResource;
 }
 
+/** Makes a selector and its sockets for a server: with this trace function, and fairness or not. */
+export type SocketsFactory = (
+  options: { trace?: (event: AnyTraceEvent) => void; fairness: boolean },
+) => Sockets;
+
 /**
  * loop.ts's Selector on Deno's own sockets, with the fairness plug-in if asked.
  *
  * @param options The trace function, and whether to attach fairness.ts.
  * @returns The selector, and how to make the sockets it watches.
  */
-export function denoSockets(
-  options: { trace?: (event: AnyTraceEvent) => void; fairness: boolean },
-): Sockets {
+export const denoSockets: SocketsFactory = (options) => {
   const { trace, fairness } = options;
   return {
     selector: new Selector({ trace, readGate: fairness ? new Fairness({ trace }) : undefined }),
@@ -168,7 +177,7 @@ export function denoSockets(
       return Deno.listenDatagram({ transport: "udp", hostname, port });
     },
   };
-}
+};
 
 /**
  * Counters for OpenTelemetry, when Deno exports to a collector (`OTEL_DENO=true`;
@@ -241,7 +250,8 @@ class Service implements EchoServer {
     const { unixPath, hostname, port, reusePort, udp, udpRate, style } = options;
     this.trace = given.trace;
     this.log = given.log ?? logTo(options.logFormat);
-    const sockets = denoSockets({ trace: this.trace, fairness: options.fairness });
+    const makeSockets = given.sockets ?? denoSockets;
+    const sockets = makeSockets({ trace: this.trace, fairness: options.fairness });
     this.selector = sockets.selector;
     this.listener = sockets.listen(unixPath ? { path: unixPath } : { hostname, port, reusePort });
     try {
@@ -374,10 +384,6 @@ class Service implements EchoServer {
     }
     if (this.shuttingDown) this.#stopWhenDone();
     else if (this.#conns.size === this.#options.maxConns - 1) this.#engine.accepting(true);
-  }
-
-  serving(conn: ServedConn): boolean {
-    return this.#conns.has(conn);
   }
 
   /** Whether to echo a datagram; drops are summed up in one log line a second at most. */

@@ -4,6 +4,7 @@
 import { assert, assertEquals, assertLessOrEqual, assertMatch, assertThrows } from "@std/assert";
 import { ReplyGuard } from "./udp_guard.ts";
 import { serve } from "./main.ts";
+import { denoSockets, type SocketsFactory } from "./server.ts";
 import {
   deadline,
   delay,
@@ -104,6 +105,48 @@ Deno.test("client.ts --udp sends a datagram again when no reply comes", async ()
   );
   assertEquals((await server.stop("SIGTERM")).code, 0);
 });
+
+/**
+ * Deno's own sockets, but the UDP socket's first receive fails with `error` (a
+ * Linux UDP socket reports no ICMP errors, so a passing receive error needs a stand-in).
+ */
+function failingFirstReceive(error: Error): SocketsFactory {
+  return (options) => {
+    const sockets = denoSockets(options);
+    return {
+      ...sockets,
+      listenDatagram(hostname, port) {
+        const socket = sockets.listenDatagram(hostname, port) as Deno.DatagramConn;
+        let failed = false;
+        return {
+          addr: socket.addr,
+          receive: (buffer?: Uint8Array) =>
+            failed ? socket.receive(buffer) : (failed = true, Promise.reject(error)),
+          send: (datagram: Uint8Array, to: Deno.Addr) => socket.send(datagram, to),
+          close: () => socket.close(),
+        };
+      },
+    };
+  };
+}
+
+testEachStyle(
+  "a failed UDP receive is logged, and the next datagram is answered",
+  async (style) => {
+    const errors: string[] = [];
+    await using server = serveForTest({
+      style,
+      udp: true,
+      sockets: failingFirstReceive(new Error("No route to host")),
+      log: { info() {}, error: (line) => errors.push(line) },
+    });
+    using client = udpSocket();
+    await client.send(pattern(20), udpAddr(server.port));
+    const [reply] = await deadline(client.receive(), "the echo after a failed receive");
+    assertEquals(reply, pattern(20));
+    assertEquals(errors, ["udp receive failed: No route to host"]);
+  },
+);
 
 testEachStyle(
   "a UDP flood from one source gets at most the rate cap, while another source is still answered",

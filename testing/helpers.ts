@@ -363,24 +363,25 @@ export function serveForTest(
 }
 
 /**
- * Peers that vanish: a separate Deno process opens `count` connections, writes
- * `bytes` on each without reading the echo, and exits without closing them.
- * The kernel then resets every connection with unread data, which is how a
- * crashed peer looks to the server (Deno cannot set SO_LINGER).
+ * Peers that vanish: a separate Deno process opens one connection per entry of
+ * `writes`, writes that many bytes on it without reading the echo, and `holdMs`
+ * later exits without closing them. The kernel then resets every connection
+ * with unread data, which is how a crashed peer looks to the server (Deno
+ * cannot set SO_LINGER, and its close() sends a FIN first).
  *
  * @param port The server's port.
- * @param count How many connections.
- * @param bytes How many bytes each writes first.
+ * @param writes How many bytes each connection writes.
+ * @param holdMs How long the connections stay open.
  */
-export async function resetStorm(port: number, count: number, bytes: number): Promise<void> {
+export async function resetStorm(port: number, writes: number[], holdMs = 200): Promise<void> {
   const code = `
     const conns = [];
-    for (let i = 0; i < ${count}; i++) {
+    for (const bytes of ${JSON.stringify(writes)}) {
       const conn = await Deno.connect({ hostname: "127.0.0.1", port: ${port} });
-      conn.write(new Uint8Array(${bytes})).catch(() => {}); // the echo is never read
+      conn.write(new Uint8Array(bytes)).catch(() => {}); // the echo is never read
       conns.push(conn);
     }
-    await new Promise((resolve) => setTimeout(resolve, 200));
+    await new Promise((resolve) => setTimeout(resolve, ${holdMs}));
     Deno.exit(0);`;
   const { code: status, stderr } = await deadline(
     new Deno.Command("deno", { args: ["eval", code], env: { NO_COLOR: "1" } }).output(),

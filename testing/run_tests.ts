@@ -21,8 +21,9 @@ const PERMISSIONS = [
   `--allow-net=127.0.0.1,127.0.0.2,0.0.0.0,[::1],${
     socketNames.map((name) => `unix:${sockets}${name}`).join(",")
   }`,
-  // README.md: package_test.ts runs the import example it shows.
-  `--allow-read=${sockets},${new URL("../README.md", here).pathname}`,
+  // The repository: package_test.ts runs README.md's import example, docs_test.ts follows
+  // every link of the Markdown files; the tests' sockets live in testing/.sockets/.
+  `--allow-read=${new URL("..", here).pathname}`,
   `--allow-write=${sockets}`,
   // The tests start main.ts and client.ts as a user would; sh, to start one
   // under a small `ulimit -n`; script, to give one a terminal.
