@@ -159,12 +159,13 @@ export type SocketsFactory = (
 ) => Sockets;
 
 /**
- * loop.ts's Selector on Deno's own sockets, with the fairness plug-in if asked.
+ * loop.ts's Selector on Deno's own sockets, with the fairness plug-in if asked:
+ * the {@linkcode SocketsFactory} that serve() uses unless told otherwise.
  *
  * @param options The trace function, and whether to attach fairness.ts.
  * @returns The selector, and how to make the sockets it watches.
  */
-export const denoSockets: SocketsFactory = (options) => {
+export function denoSockets(options: Parameters<SocketsFactory>[0]): Sockets {
   const { trace, fairness } = options;
   return {
     selector: new Selector({ trace, readGate: fairness ? new Fairness({ trace }) : undefined }),
@@ -177,7 +178,7 @@ export const denoSockets: SocketsFactory = (options) => {
       return Deno.listenDatagram({ transport: "udp", hostname, port });
     },
   };
-};
+}
 
 /**
  * Counters for OpenTelemetry, when Deno exports to a collector (`OTEL_DENO=true`;
