@@ -14,7 +14,15 @@ import { type Flags, parseCommandLine, UsageError, withDefaults } from "./cli.ts
 import { createTracer, formatAddr } from "./trace.ts";
 import { describeError, type Log, logTo, plural } from "./log.ts";
 import { runWorkers } from "./workers.ts";
-import { DEFAULTS, serve, type ServeOptions, type Server, type ServerStats } from "./server.ts";
+import {
+  DEFAULTS,
+  epollSockets,
+  serve,
+  type ServeOptions,
+  type Server,
+  type ServerStats,
+} from "./server.ts";
+import { unsupported } from "./libc.ts";
 
 export {
   type LogLevel,
@@ -30,7 +38,7 @@ export type { Log, LogFormat } from "./log.ts";
 const TRACE_LINES_PER_SECOND = 200;
 
 const USAGE =
-  `usage: deno run --allow-net=127.0.0.1 main.ts [--host H] [--port N] [--udp [--udp-rate N]] [--unix PATH] [--max-conns N] [--idle-timeout S] [--style callbacks|async] [--fairness on|off] [--trace] [--log-format text|json] [--verbose | --quiet] [--workers N|auto]`;
+  `usage: deno run --allow-net=127.0.0.1 main.ts [--host H] [--port N] [--udp [--udp-rate N]] [--unix PATH] [--max-conns N] [--idle-timeout S] [--style callbacks|async] [--selector deno|epoll] [--fairness on|off] [--trace] [--log-format text|json] [--verbose | --quiet] [--workers N|auto]`;
 
 const HELP = `An echo server (RFC 862): sends back every byte it receives, over TCP, and
 over UDP or a Unix socket if asked.
@@ -47,8 +55,12 @@ ${USAGE}
                      and --allow-net=unix: for PATH); a stale socket file is replaced
   --style STYLE      callbacks (the lesson's accept and read callbacks) or async (coroutines
                      on the same loop) (default ${DEFAULTS.style})
+  --selector S       deno (readiness from Deno's own sockets, inside its sandbox) or epoll
+                     (Linux's epoll through the C library: faster, fair by itself; needs
+                     --allow-ffi, which lifts Deno's sandbox) (default deno)
   --fairness on|off  hold back new reads while others starve, so that no connection waits
-                     long when the server saturates its CPU (default on; off to measure it)
+                     long when the server saturates its CPU (default on; off to measure it;
+                     the epoll selector needs none)
   --trace            print what the event loop does, turn by turn (at most ${TRACE_LINES_PER_SECOND} lines a second)
   --log-format F     text, or json: one {"time", "level", "message"} object per line
                      (default ${DEFAULTS.logFormat})
@@ -75,6 +87,7 @@ const FLAGS = {
   unix: { type: "text" },
   style: { type: "text" },
   fairness: { type: "text" },
+  selector: { type: "text" },
   trace: { type: "boolean" },
   "log-format": { type: "text" },
   verbose: { type: "boolean" },
@@ -83,8 +96,13 @@ const FLAGS = {
   worker: { type: "integer", min: 1 },
 } as const;
 
+/** Which selector serves: loop.ts's on Deno's sockets, or epoll.ts's on its own. */
+type SelectorName = "deno" | "epoll";
+
 /** What the command line asks for: the server's options, and how many processes serve. */
 interface CommandLine extends ServeOptions {
+  /** The selector. */
+  selector: SelectorName;
   /** Worker processes sharing the port (1: this process serves). */
   workers: number;
   /** Set in a worker that `--workers` started: its number. */
@@ -114,9 +132,12 @@ function optionsFrom(flags: Flags<typeof FLAGS>): CommandLine {
   if (style !== undefined && style !== "callbacks" && style !== "async") {
     throw new UsageError(`--style must be callbacks or async, got "${style}"`);
   }
-  const { fairness } = flags;
+  const { fairness, selector = "deno" } = flags;
   if (fairness !== undefined && fairness !== "on" && fairness !== "off") {
     throw new UsageError(`--fairness must be on or off, got "${fairness}"`);
+  }
+  if (selector !== "deno" && selector !== "epoll") {
+    throw new UsageError(`--selector must be deno or epoll, got "${selector}"`);
   }
   if (flags.unix !== undefined) {
     if (flags.host !== undefined || flags.port !== undefined || flags.udp) {
@@ -139,6 +160,7 @@ function optionsFrom(flags: Flags<typeof FLAGS>): CommandLine {
   }
   const idleSeconds = flags["idle-timeout"];
   return {
+    selector,
     workers,
     worker: flags.worker,
     logFormat,
@@ -156,6 +178,15 @@ function optionsFrom(flags: Flags<typeof FLAGS>): CommandLine {
   };
 }
 
+/** Why the epoll selector cannot run in this process, or undefined if it can. */
+function epollUnavailable(): string | undefined {
+  const why = unsupported();
+  if (why) return `cannot run here: ${why}; use --selector deno`;
+  if (Deno.permissions.querySync({ name: "ffi" }).state !== "granted") {
+    return "calls the C library: add --allow-ffi (it lifts Deno's sandbox: see docs/operations.md)";
+  }
+}
+
 /** Why listening failed, in one line with what to do about it. */
 function listenError(error: unknown, options: typeof DEFAULTS): string {
   const { hostname: host, port, unixPath: path, udp } = options;
@@ -166,6 +197,9 @@ function listenError(error: unknown, options: typeof DEFAULTS): string {
     return `cannot listen on ${path}: ${describeError(error)}`;
   }
   const where = `${host}:${port}`;
+  if (error instanceof TypeError && /numeric addresses/.test(error.message)) {
+    return `cannot listen on "${host}": --selector epoll takes numeric addresses and localhost (resolve the name first, or use --selector deno)`;
+  }
   if (error instanceof Deno.errors.AddrInUse) {
     const protocols = udp ? " (for TCP or UDP)" : "";
     return `port ${port} on ${host} is already in use${protocols}: stop the other server or choose another port with --port`;
@@ -238,16 +272,30 @@ export async function main(args: string[]): Promise<number> {
     optionsFrom,
   );
   if ("exit" in parsed) return parsed.exit;
-  const { workers, worker, ...serveOptions } = parsed.options;
+  const { selector, workers, worker, ...serveOptions } = parsed.options;
   const options = withDefaults(serveOptions, DEFAULTS);
-  const unstable = typeof Deno.listenDatagram === "function"; // --unstable-net was given
+  const epoll = selector === "epoll";
+  if (epoll) {
+    const why = epollUnavailable();
+    if (why) {
+      console.error(`main.ts: --selector epoll ${why}`);
+      return 1;
+    }
+  }
+  // Deno's UDP and SO_REUSEPORT need --unstable-net; the epoll selector's sockets do not.
+  const unstable = epoll || typeof Deno.listenDatagram === "function";
   if (options.udp && !unstable) {
     console.error(
       "main.ts: --udp needs Deno's unstable UDP API: add --unstable-net to deno run (deno task start has it)",
     );
     return 2;
   }
-  if (workers > 1) return await startWorkers(options, workers, serveOptions.trace !== undefined);
+  if (workers > 1) {
+    return await startWorkers(options, workers, {
+      selector,
+      trace: serveOptions.trace !== undefined,
+    });
+  }
   if (worker !== undefined && !unstable) {
     console.error("main.ts: --worker shares its port (SO_REUSEPORT): add --unstable-net");
     return 2;
@@ -267,7 +315,7 @@ export async function main(args: string[]): Promise<number> {
       return 1;
     }
     const shared = worker === undefined ? {} : { reusePort: true, log };
-    server = serve({ ...options, ...shared });
+    server = serve({ ...options, ...shared, ...(epoll ? { sockets: epollSockets } : {}) });
   } catch (error) {
     console.error(`main.ts: ${listenError(error, options)}`);
     return 1;
@@ -332,7 +380,7 @@ async function untilEnd(stream: { read(p: Uint8Array): Promise<number | null> })
 async function startWorkers(
   options: typeof DEFAULTS,
   count: number,
-  trace: boolean,
+  how: { selector: SelectorName; trace: boolean },
 ): Promise<number> {
   if (Deno.build.os !== "linux") {
     // Only off Linux, where no test of ours runs.
@@ -349,11 +397,12 @@ async function startWorkers(
   }
   const { hostname, maxConns, idleTimeout, style, fairness, logLevel, udp, udpRate } = options;
   const net = hostname.includes(":") ? `[${hostname}]` : hostname;
+  const ffi = how.selector === "epoll" ? ["--allow-ffi"] : [];
   const level = logLevel === "quiet" ? ["--quiet"] : logLevel === "verbose" ? ["--verbose"] : [];
   const flags = [
     ...["--host", hostname, "--max-conns", `${maxConns}`, "--style", style],
-    ...["--fairness", fairness ? "on" : "off"],
-    ...["--idle-timeout", `${idleTimeout / 1000}`, ...level, ...(trace ? ["--trace"] : [])],
+    ...["--fairness", fairness ? "on" : "off", "--selector", how.selector],
+    ...["--idle-timeout", `${idleTimeout / 1000}`, ...level, ...(how.trace ? ["--trace"] : [])],
   ];
   return await runWorkers({
     count,
@@ -361,7 +410,7 @@ async function startWorkers(
     logFormat: options.logFormat,
     quiet: logLevel === "quiet",
     command: (id, port) => [
-      ...["run", `--allow-net=${net}`, "--unstable-net", import.meta.url, ...flags],
+      ...["run", `--allow-net=${net}`, "--unstable-net", ...ffi, import.meta.url, ...flags],
       ...["--port", `${port}`, "--worker", `${id}`],
       // UDP is one socket: the first worker serves it.
       ...(udp && id === 1 ? ["--udp", "--udp-rate", `${udpRate}`] : []),

@@ -25,9 +25,9 @@ import { runClients } from "./client.ts";
 
 testEachTransport(
   "deno run main.ts and deno run client.ts work together as the README says",
-  async (style, transport) => {
+  async (variant, transport) => {
     const { args, permissions } = argsFor(transport);
-    await using server = await ServerProcess.start(args, { style, permissions });
+    await using server = await ServerProcess.start(args, { ...variant, permissions });
     const listening = {
       tcp4: /^listening on 127\.0\.0\.1:\d+$/m,
       tcp6: /^listening on \[::1\]:\d+$/m,
@@ -54,8 +54,8 @@ testEachTransport(
 
 testEachTransport(
   "8 MiB are echoed exactly while the client reads; after a half-close every byte comes back, then EOF",
-  async (style, transport) => {
-    await using server = serveForTest({ style, ...listenOn(transport) });
+  async (variant, transport) => {
+    await using server = serveForTest({ ...variant, ...listenOn(transport) });
     const { target } = server;
     const payload = pattern(8 << 20);
     assertEquals(await echo(target, payload), payload); // writes and reads at once
@@ -70,8 +70,8 @@ testEachTransport(
   },
 );
 
-testEachStyle("all 256 byte values are echoed unchanged", async (style) => {
-  await using server = serveForTest({ style });
+testEachStyle("all 256 byte values are echoed unchanged", async (variant) => {
+  await using server = serveForTest({ ...variant });
   const every = Uint8Array.from({ length: 256 }, (_, i) => i);
   assertEquals(await echo(server.port, every), every);
   const [result] = await runClients({ port: server.port, count: 1, message: every });
@@ -80,14 +80,14 @@ testEachStyle("all 256 byte values are echoed unchanged", async (style) => {
 
 testEachTransport(
   "seeded fuzz: random writes, reads, pauses, half-closes and resets echo exactly",
-  async (style, transport) => {
+  async (variant, transport) => {
     const seed = Number(Deno.env.get("ECHO_SEED") ?? Date.now() % 1_000_000);
     const random = seededRandom(seed);
     const between = (low: number, high: number) => low + Math.floor(random() * (high - low + 1));
     // Sizes spread over 1 B .. 1 MiB, most of them small.
     const size = () => Math.max(1, Math.floor(2 ** (random() * 20)));
     try {
-      await using server = serveForTest({ style, ...listenOn(transport) });
+      await using server = serveForTest({ ...variant, ...listenOn(transport) });
       const connections = Promise.all(Array.from({ length: 32 }, async (_, c) => {
         const conn = await connect(server.target);
         const writes = Array.from({ length: between(1, 24) }, size);

@@ -86,8 +86,8 @@ Deno.test("the load shows a live progress line on a terminal that disappears at 
   assertEquals(noColor.includes("\x1b[K"), false, "a progress line with NO_COLOR set");
 });
 
-testEachStyle("the server prints one summary line at shutdown", async (style) => {
-  await using server = await ServerProcess.start(["--port", "0"], { style });
+testEachStyle("the server prints one summary line at shutdown", async (variant) => {
+  await using server = await ServerProcess.start(["--port", "0"], { ...variant });
   const client = await runScript("client.ts", ["--port", `${server.port}`, "--count", "3"]);
   assertEquals(client.code, 0);
   await waitUntil(() => server.count(/ closed, 5 bytes echoed$/) === 3, "3 clean closes");
@@ -102,25 +102,28 @@ testEachStyle("the server prints one summary line at shutdown", async (style) =>
   );
 });
 
-testEachStyle("--verbose also logs every echo; --quiet logs nothing but errors", async (style) => {
-  await using verbose = await ServerProcess.start(["--port", "0", "--verbose"], { style });
-  const client = await runScript("client.ts", ["--port", `${verbose.port}`, "--count", "3"]);
-  assertEquals(client.code, 0);
-  await waitUntil(
-    () => verbose.count(/^127\.0\.0\.1:\d+ echoing 5 bytes$/) === 3,
-    "3 echoes logged",
-  );
-  assertEquals((await verbose.stop("SIGTERM")).code, 0);
+testEachStyle(
+  "--verbose also logs every echo; --quiet logs nothing but errors",
+  async (variant) => {
+    await using verbose = await ServerProcess.start(["--port", "0", "--verbose"], { ...variant });
+    const client = await runScript("client.ts", ["--port", `${verbose.port}`, "--count", "3"]);
+    assertEquals(client.code, 0);
+    await waitUntil(
+      () => verbose.count(/^127\.0\.0\.1:\d+ echoing 5 bytes$/) === 3,
+      "3 echoes logged",
+    );
+    assertEquals((await verbose.stop("SIGTERM")).code, 0);
 
-  const port = getAvailablePort();
-  await using quiet = ServerProcess.spawn(["--port", `${port}`, "--quiet"], { style });
-  await untilListening(port);
-  await resetStorm(port, [1_000_000]); // not an error of the server's: not logged either
-  const quietClient = await runScript("client.ts", ["--port", `${port}`, "--count", "3"]);
-  assertEquals(quietClient.code, 0);
-  const { code, stdout, stderr } = await quiet.stop("SIGTERM");
-  assertEquals([code, stdout, stderr], [0, "", ""]);
-});
+    const port = getAvailablePort();
+    await using quiet = ServerProcess.spawn(["--port", `${port}`, "--quiet"], { ...variant });
+    await untilListening(port);
+    await resetStorm(port, [1_000_000]); // not an error of the server's: not logged either
+    const quietClient = await runScript("client.ts", ["--port", `${port}`, "--count", "3"]);
+    assertEquals(quietClient.code, 0);
+    const { code, stdout, stderr } = await quiet.stop("SIGTERM");
+    assertEquals([code, stdout, stderr], [0, "", ""]);
+  },
+);
 
 Deno.test("--log-format json writes one JSON object per log line, with a timestamp", async () => {
   await using server = await ServerProcess.start(["--port", "0", "--log-format", "json"]);

@@ -15,6 +15,7 @@ import {
   Selector,
 } from "./loop.ts";
 import { Fairness } from "./fairness.ts";
+import { EpollSelector } from "./epoll.ts";
 import { type AnyTraceEvent, formatAddr } from "./trace.ts";
 import { ReplyGuard } from "./udp_guard.ts";
 import { describeError, type Log, type LogFormat, logTo } from "./log.ts";
@@ -176,6 +177,26 @@ export function denoSockets(options: Parameters<SocketsFactory>[0]): Sockets {
     },
     listenDatagram(hostname, port) {
       return Deno.listenDatagram({ transport: "udp", hostname, port });
+    },
+  };
+}
+
+/**
+ * epoll.ts's selector on sockets of its own making (Linux, `--allow-ffi`); it
+ * needs no fairness plug-in: the kernel reports every ready socket.
+ *
+ * @param options The trace function.
+ * @returns The selector, and how to make the sockets it watches.
+ */
+export function epollSockets(options: Parameters<SocketsFactory>[0]): Sockets {
+  const selector = new EpollSelector({ trace: options.trace });
+  return {
+    selector,
+    listen(where) {
+      return "path" in where ? selector.listenUnix(where.path) : selector.listen(where);
+    },
+    listenDatagram(hostname, port) {
+      return selector.listenDatagram({ hostname, port });
     },
   };
 }

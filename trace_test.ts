@@ -4,8 +4,8 @@ import { createTracer, formatTrace } from "./trace.ts";
 import type { SelectorKey } from "./loop.ts";
 import { delay, runScript, ServerProcess, testEachStyle, waitUntil } from "./testing/helpers.ts";
 
-testEachStyle("--trace shows each select(), then what ran for each ready key", async (style) => {
-  await using server = await ServerProcess.start(["--port", "0", "--trace"], { style });
+testEachStyle("--trace shows each select(), then what ran for each ready key", async (variant) => {
+  await using server = await ServerProcess.start(["--port", "0", "--trace"], { ...variant });
   const client = await runScript("client.ts", ["--port", `${server.port}`]);
   assertEquals(client.code, 0, client.stderr);
   await waitUntil(() => server.count(/ closed, 5 bytes echoed$/) === 20, "20 clean closes");
@@ -16,7 +16,7 @@ testEachStyle("--trace shows each select(), then what ran for each ready key", a
     "no accept turn",
   );
   assert(selects.some((line) => /ready: conn 127\.0\.0\.1:\d+ READ/.test(line)), "no read turn");
-  if (style === "callbacks") {
+  if (variant.style === "callbacks") {
     assertMatch(server.stdout, /^ {2}accept\(listener 127\.0\.0\.1:\d+, READ\)$/m);
     assertMatch(server.stdout, /^ {2}read\(conn 127\.0\.0\.1:\d+, READ\)$/m);
     assertMatch(server.stdout, /^ {2}flushed\(conn 127\.0\.0\.1:\d+, WRITE\)$/m);
@@ -31,8 +31,8 @@ testEachStyle("--trace shows each select(), then what ran for each ready key", a
   assertEquals((await server.stop("SIGTERM")).code, 0);
 });
 
-testEachStyle("without --trace nothing of the loop is printed", async (style) => {
-  await using server = await ServerProcess.start(["--port", "0"], { style });
+testEachStyle("without --trace nothing of the loop is printed", async (variant) => {
+  await using server = await ServerProcess.start(["--port", "0"], { ...variant });
   const client = await runScript("client.ts", ["--port", `${server.port}`]);
   assertEquals(client.code, 0, client.stderr);
   await waitUntil(() => server.count(/ closed, 5 bytes echoed$/) === 20, "20 clean closes");

@@ -10,12 +10,31 @@
  * @module
  */
 
-import { serve, type ServeOptions, type Server, type Style } from "../server.ts";
+import { epollSockets, serve, type ServeOptions, type Server, type Style } from "../server.ts";
 
 const root = new URL("../", import.meta.url);
 
 /** The server's two styles: every server test runs once in each. */
 export const STYLES: readonly Style[] = ["callbacks", "async"];
+
+/** The server's two selectors: loop.ts's, on Deno's sockets, and epoll.ts's (`--selector`). */
+export const SELECTORS = ["deno", "epoll"] as const;
+
+/** One of {@linkcode SELECTORS}. */
+export type SelectorName = typeof SELECTORS[number];
+
+/** How a test's servers are built: spread it into serveForTest()'s or ServerProcess's options. */
+export interface Variant {
+  /** The server's style. */
+  style: Style;
+  /** The server's selector. */
+  selector: SelectorName;
+}
+
+/** Every style on every selector. */
+const VARIANTS: Variant[] = SELECTORS.flatMap((selector) =>
+  STYLES.map((style) => ({ style, selector }))
+);
 
 /** The stream transports the server speaks: TCP over IPv4 and IPv6, and Unix sockets. */
 export const TRANSPORTS = ["tcp4", "tcp6", "unix"] as const;
@@ -24,28 +43,38 @@ export const TRANSPORTS = ["tcp4", "tcp6", "unix"] as const;
 export type Transport = typeof TRANSPORTS[number];
 
 /**
- * Registers one test per server style, named `name [style]`.
+ * Registers one test per server style and selector, named `name [style, selector]`.
  *
  * @param name What the test checks.
- * @param fn The test, given the style to start servers in.
+ * @param fn The test, given the style and selector to start servers with.
+ * @param selectors The selectors it applies to, if not all.
  */
-export function testEachStyle(name: string, fn: (style: Style) => Promise<void>): void {
-  for (const style of STYLES) Deno.test(`${name} [${style}]`, () => fn(style));
+export function testEachStyle(
+  name: string,
+  fn: (variant: Variant) => Promise<void>,
+  selectors: readonly SelectorName[] = SELECTORS,
+): void {
+  for (const variant of VARIANTS) {
+    if (!selectors.includes(variant.selector)) continue;
+    Deno.test(`${name} [${variant.style}, ${variant.selector}]`, () => fn(variant));
+  }
 }
 
 /**
- * Registers one test per server style and stream transport, named `name [style, transport]`.
+ * Registers one test per server style, selector and stream transport, named
+ * `name [style, selector, transport]`.
  *
  * @param name What the test checks.
- * @param fn The test, given the style and transport to start servers with.
+ * @param fn The test, given how to start servers, and the transport.
  */
 export function testEachTransport(
   name: string,
-  fn: (style: Style, transport: Transport) => Promise<void>,
+  fn: (variant: Variant, transport: Transport) => Promise<void>,
 ): void {
-  for (const style of STYLES) {
+  for (const variant of VARIANTS) {
     for (const transport of TRANSPORTS) {
-      Deno.test(`${name} [${style}, ${transport}]`, () => fn(style, transport));
+      const { style, selector } = variant;
+      Deno.test(`${name} [${style}, ${selector}, ${transport}]`, () => fn(variant, transport));
     }
   }
 }
@@ -350,9 +379,11 @@ export function pattern(length: number, seed = 0): Uint8Array {
  * @returns The running server.
  */
 export function serveForTest(
-  options: ServeOptions = {},
+  options: ServeOptions & { selector?: SelectorName } = {},
 ): Server & AsyncDisposable & { port: number; target: Target } {
-  const server = serve({ port: 0, logLevel: "quiet", ...options });
+  const { selector, ...serveOptions } = options;
+  const sockets = selector === "epoll" ? { sockets: epollSockets } : {};
+  const server = serve({ port: 0, logLevel: "quiet", ...sockets, ...serveOptions });
   const dispose = () =>
     deadline(server.close(), "the test server's shutdown", 5000).catch((error) => {
       console.error(error.message);
@@ -410,15 +441,22 @@ export interface RunOptions {
   shell?: string;
   /** For main.ts: the server's style, passed as `--style`. */
   style?: Style;
+  /** For main.ts: the server's selector, passed as `--selector` (epoll adds `--allow-ffi`). */
+  selector?: SelectorName;
   /** Environment variables to add. */
   env?: Record<string, string>;
 }
 
 /** The command for one of the project's scripts, as its task runs it. */
 function denoRun(script: string, args: string[], options: RunOptions = {}): Deno.CommandOptions {
-  const { permissions = ["--allow-net=127.0.0.1"], shell, style, env } = options;
-  const styled = style ? [...args, "--style", style] : args;
-  const deno = ["run", ...permissions, new URL(script, root).pathname, ...styled];
+  const { permissions = ["--allow-net=127.0.0.1"], shell, style, selector, env } = options;
+  const styled = [
+    ...args,
+    ...(style ? ["--style", style] : []),
+    ...(selector ? ["--selector", selector] : []),
+  ];
+  const granted = selector === "epoll" ? [...permissions, "--allow-ffi"] : permissions;
+  const deno = ["run", ...granted, new URL(script, root).pathname, ...styled];
   return {
     ...(shell ? { args: ["-c", `${shell} && exec deno "$@"`, "sh", ...deno] } : { args: deno }),
     cwd: root.pathname,

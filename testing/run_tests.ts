@@ -32,6 +32,8 @@ const PERMISSIONS = [
   "--allow-env=ECHO_SEED",
   // Deno.listenDatagram (UDP) is still unstable in Deno 2.
   "--unstable-net",
+  // The epoll selector's servers, in the test process too, call the C library.
+  "--allow-ffi",
 ];
 
 async function run(args: string[], quiet = false): Promise<number> {

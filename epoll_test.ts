@@ -1,0 +1,229 @@
+// The epoll selector alone: what the kernel's readiness gives (every ready socket in one
+// turn), what it asks of the selector (partial writes, hang-ups, errno, descriptors closed
+// once), and Deno's own loop kept running (timers, no CPU while idle).
+import { assert, assertEquals, assertLessOrEqual, assertThrows } from "@std/assert";
+import { EpollSelector } from "./epoll.ts";
+import { type ConnResource, READ, type SelectorKey, WRITE } from "./loop.ts";
+import {
+  connect,
+  deadline,
+  delay,
+  pattern,
+  processUsage,
+  readAll,
+  resetStorm,
+  writeAll,
+} from "./testing/helpers.ts";
+
+const noop = () => {};
+
+/** An epoll selector listening on loopback, and the port. */
+function listening(hostname = "127.0.0.1"): [EpollSelector, ConnResource[], number] {
+  const selector = new EpollSelector();
+  const listener = selector.listen({ hostname, port: 0 });
+  const accepted: ConnResource[] = [];
+  selector.register(listener, READ, (key) => accepted.push(key.accept()));
+  return [selector, accepted, (listener.addr as Deno.NetAddr).port];
+}
+
+/** Selects until `count` connections are accepted; fails after 10 s. */
+async function acceptAll(selector: EpollSelector, accepted: ConnResource[], count: number) {
+  for (const end = performance.now() + 10_000; accepted.length < count;) {
+    if (performance.now() > end) throw new Error(`accepted ${accepted.length} of ${count}`);
+    for (const [key, mask] of await selector.select(100)) key.callback(key, mask);
+  }
+}
+
+/** Selects until `key` is reported, and returns its mask; fails after 5 s. */
+async function nextEvent(selector: EpollSelector, key: SelectorKey): Promise<number> {
+  for (const end = performance.now() + 5000; performance.now() < end;) {
+    for (const [ready, mask] of await selector.select(100)) if (ready === key) return mask;
+  }
+  throw new Error("the key was not reported ready within 5 s");
+}
+
+Deno.test("with 600 connections ready at once, one select() reports every one: no connection waits its turn", async () => {
+  const [selector, accepted, port] = listening();
+  const peers = await Promise.all(Array.from({ length: 600 }, () => connect(port)));
+  await acceptAll(selector, accepted, 600);
+  const keys = new Set<SelectorKey>(accepted.map((conn) => selector.register(conn, READ, noop)));
+  await Promise.all(peers.map((peer) => peer.write(new Uint8Array([1]))));
+  await delay(50); // every byte has arrived
+  const ready = await selector.select(0);
+  assertEquals(ready.filter(([key]) => keys.has(key)).length, 600);
+  for (const peer of peers) peer.close();
+  selector.close();
+});
+
+Deno.test("send() writes every byte of 16 MiB in order, finishing partial writes on EPOLLOUT; WRITE once all is written", async () => {
+  const [selector, accepted, port] = listening();
+  const peer = await connect(port);
+  await acceptAll(selector, accepted, 1);
+  const key = selector.register(accepted[0], WRITE, noop);
+  const payload = pattern(16 << 20, 3);
+  key.send(payload); // far more than the kernel takes at once: the rest is queued
+  assert(key.queued > 0, "nothing was left for EPOLLOUT");
+  const reading = readAll(peer, payload.length);
+  let mask = 0;
+  while (!(mask & WRITE)) mask = await nextEvent(selector, key);
+  assertEquals(key.queued, 0);
+  assertEquals(await reading, payload);
+  peer.close();
+  selector.close();
+});
+
+Deno.test("a peer that resets: the key is READ and WRITE ready, recv() throws ConnectionReset, then send() too", async () => {
+  const [selector, accepted, port] = listening();
+  // A process that connects, sends 10 bytes and exits 200 ms later without reading: the
+  // kernel resets its connection, since the 100 kB sent to it are unread.
+  const vanishing = resetStorm(port, [10]);
+  await acceptAll(selector, accepted, 1);
+  const key = selector.register(accepted[0], READ | WRITE, noop);
+  key.send(pattern(100_000));
+  await vanishing;
+  let error: unknown;
+  for (let turns = 0; turns < 100 && !error; turns++) {
+    const mask = await nextEvent(selector, key);
+    if (!(mask & READ)) continue;
+    try {
+      assert(key.recv() !== null, "EOF instead of a reset");
+    } catch (thrown) {
+      error = thrown;
+      assertEquals(mask, READ | WRITE);
+    }
+  }
+  assert(error instanceof Deno.errors.ConnectionReset, `not a reset: ${error}`);
+  assertThrows(() => key.send(new Uint8Array(1)), Deno.errors.ConnectionReset);
+  selector.close();
+});
+
+Deno.test("a peer that closes: recv() gives EOF, and EOF again", async () => {
+  const [selector, accepted, port] = listening();
+  const peer = await connect(port);
+  await acceptAll(selector, accepted, 1);
+  const key = selector.register(accepted[0], READ, noop);
+  peer.close();
+  for (let i = 0; i < 3; i++) { // EOF stays readable, as on a socket
+    await nextEvent(selector, key);
+    assertEquals(key.recv(), null);
+  }
+  selector.close();
+});
+
+Deno.test("a half-closed connection still takes writes; recv() gives EOF once the peer half-closes", async () => {
+  const [selector, accepted, port] = listening("::1");
+  const peer = await Deno.connect({ hostname: "::1", port });
+  await acceptAll(selector, accepted, 1);
+  const conn = accepted[0];
+  assertEquals({ ...conn.remoteAddr }, { ...peer.localAddr }); // Deno's address has no prototype
+  const key = selector.register(conn, READ, noop);
+  await peer.write(pattern(10));
+  await peer.closeWrite();
+  const got: number[] = [];
+  for (let data; (await nextEvent(selector, key)) && (data = key.recv()) !== null;) {
+    got.push(...data);
+  }
+  assertEquals(new Uint8Array(got), pattern(10));
+  key.send(pattern(5));
+  await nextEvent(selector, selector.modify(conn, WRITE));
+  await conn.closeWrite();
+  assertEquals(await readAll(peer), pattern(5));
+  peer.close();
+  selector.close();
+});
+
+Deno.test("errno paths are Deno's errors: a port in use, an address not here, a name, a long path", () => {
+  const selector = new EpollSelector();
+  const taken = Deno.listen({ hostname: "127.0.0.1", port: 0 });
+  assertThrows(
+    () => selector.listen({ hostname: "127.0.0.1", port: taken.addr.port }),
+    Deno.errors.AddrInUse,
+  );
+  taken.close();
+  assertThrows(
+    () => selector.listen({ hostname: "192.0.2.1", port: 0 }),
+    Deno.errors.AddrNotAvailable,
+  );
+  assertThrows(() => selector.listen({ hostname: "example.com", port: 0 }), TypeError, "numeric");
+  assertThrows(() => selector.listenUnix(`/tmp/${"x".repeat(120)}`), TypeError, "107 bytes");
+  using foreign = Deno.listen({ hostname: "127.0.0.1", port: 0 });
+  assertThrows(() => selector.register(foreign, READ, noop), TypeError, "not an open socket");
+  selector.close();
+});
+
+Deno.test("every descriptor is closed once: after connections that reset, half-close and vanish, /proc/self/fd is back where it was", async () => {
+  const before = (await processUsage()).fds;
+  const [selector, accepted, port] = listening();
+  const peers = await Promise.all(Array.from({ length: 50 }, () => connect(port)));
+  await acceptAll(selector, accepted, 50);
+  for (const conn of accepted.slice(0, 25)) selector.register(conn, READ, noop);
+  for (const [i, peer] of peers.entries()) {
+    if (i % 3 === 0) await peer.closeWrite();
+    peer.close();
+  }
+  accepted[30].close();
+  accepted[30].close(); // a second close does nothing: the descriptor may be someone else's now
+  await delay(50);
+  selector.close(); // closes the registered ones and the listener
+  for (const conn of accepted.slice(25)) conn.close(); // the rest are ours to close
+  assertEquals((await processUsage()).fds, before);
+});
+
+Deno.test("Deno's own loop runs while the selector is busy: timers fire within milliseconds", async () => {
+  const selector = new EpollSelector();
+  const socket = selector.listenDatagram({ hostname: "127.0.0.1", port: 0 });
+  let datagrams = 0;
+  selector.register(socket, READ, (key) => key.recvfrom() && datagrams++);
+  const running = selector.run();
+  // Another process floods the socket for 1.5 s: it is ready at every turn.
+  const flood =
+    `const s = Deno.listenDatagram({ transport: "udp", hostname: "127.0.0.1", port: 0 });
+    const to = { transport: "udp", hostname: "127.0.0.1", port: ${
+      (socket.addr as Deno.NetAddr).port
+    } };
+    for (const end = Date.now() + 1500; Date.now() < end;) await s.send(new Uint8Array(8), to);`;
+  const flooding = new Deno.Command("deno", { args: ["eval", "--unstable-net", flood] }).output();
+  const lateness = [];
+  for (const ms of [700, 1, 1, 1, 1]) { // the first waits until the flood runs
+    const start = performance.now();
+    await delay(ms);
+    lateness.push(performance.now() - start - ms);
+  }
+  await flooding;
+  selector.close();
+  await running;
+  assert(datagrams > 1000, `only ${datagrams} datagrams: no flood`);
+  assertLessOrEqual(Math.max(...lateness), 50, `timers ran late by ${lateness.map(Math.round)} ms`);
+});
+
+Deno.test("while idle the selector waits in the kernel: no CPU used", async () => {
+  const code = `
+    import { EpollSelector } from "${new URL("./epoll.ts", import.meta.url)}";
+    import { READ } from "${new URL("./loop.ts", import.meta.url)}";
+    const selector = new EpollSelector();
+    selector.register(selector.listen({ hostname: "127.0.0.1", port: 0 }), READ, () => {});
+    console.log("ready");
+    await selector.run();`;
+  const child = new Deno.Command("deno", { args: ["eval", code], stdout: "piped" }).spawn();
+  const reader = child.stdout.getReader();
+  await deadline(reader.read(), "the idle selector to start");
+  await delay(200);
+  const before = await processUsage(child.pid);
+  await delay(1000);
+  const after = await processUsage(child.pid);
+  child.kill("SIGKILL");
+  await child.status;
+  reader.releaseLock();
+  await child.stdout.cancel();
+  assertLessOrEqual(after.cpuMs - before.cpuMs, 30, "CPU used in a second of idling (ms)");
+});
+
+Deno.test("close() ends a run() that waits, and the selector refuses new work", async () => {
+  const [selector] = listening();
+  const running = selector.run();
+  await delay(20);
+  selector.close();
+  await deadline(running, "run() after close()", 1000);
+  assertThrows(() => selector.listen({ hostname: "127.0.0.1", port: 0 }), Error, "closed");
+  assertEquals(await selector.select(0), []);
+});
