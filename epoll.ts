@@ -11,10 +11,11 @@
  * the bytes `recv()` returns stay valid until the next `select()`.
  *
  * Deno's own event loop (timers, signals, promises of other code) runs only
- * when JavaScript waits. So `run()` polls epoll at once while sockets are
- * ready, and otherwise, or at least every few milliseconds, waits for epoll on a
- * thread of Deno's pool, which lets Deno's loop run; an eventfd in the same
- * epoll set wakes that wait when JavaScript makes a key ready meanwhile.
+ * when JavaScript waits. So `run()` polls epoll on the JS thread while sockets
+ * are ready, and otherwise waits for epoll on a thread of Deno's pool, which
+ * lets Deno's loop run; an eventfd in the same epoll set wakes that wait when
+ * JavaScript makes a key ready meanwhile. While busy, Deno's loop takes a turn
+ * every few milliseconds all the same, so that timers and signals keep time.
  *
  * It needs `--allow-ffi`, which lifts Deno's sandbox: the C library can open
  * any file or socket, whatever `--allow-net` says. Use it for code you trust.
@@ -108,8 +109,13 @@ export interface EpollListenOptions {
   reusePort?: boolean;
 }
 
-/** While busy, Deno's own loop runs at least this often (timers, signals), in milliseconds. */
-const YIELD_MS = 10;
+/**
+ * While busy, Deno's own loop takes a whole turn at least this often (ms), in
+ * which its runtime parks: only then do its timers advance and its signals arrive.
+ */
+const TURN_MS = 20;
+/** How long that turn lasts: a sleep on Deno's pool, long enough for the runtime to park. */
+const PAUSE_MICROS = 30;
 /** Events taken from the kernel at once. */
 const MAX_EVENTS = 1024;
 /** Pending connections the kernel queues for a listener. */
@@ -377,8 +383,10 @@ class EpollCore {
   turn = 0;
   /** performance.now() when select() last returned. */
   now = 0;
-  /** performance.now() when Deno's own loop last ran: it runs at least every YIELD_MS. */
-  #yielded = 0;
+  /** performance.now() when Deno's runtime last parked: it does at least every TURN_MS. */
+  #parked = 0;
+  /** performance.now() when the current wait on Deno's pool began. */
+  #awaySince = 0;
   /** True while a wait runs on Deno's pool, and whether the eventfd was written since. */
   #away = false;
   #woken = false;
@@ -473,8 +481,9 @@ class EpollCore {
 
   /**
    * A turn: takes the keys ready without the kernel, then polls the kernel at
-   * once; waits on Deno's pool if nothing is ready and `timeout` allows, or if
-   * Deno's own loop has not run for YIELD_MS.
+   * once, on this thread. If nothing is ready and `timeout` allows, it waits on
+   * Deno's pool instead, and Deno's loop runs meanwhile. If it is busy, and
+   * Deno's runtime has not parked for TURN_MS, Deno's loop takes a turn first.
    *
    * @param timeout Milliseconds to wait at most (0: poll; undefined: no limit).
    * @returns How many kernel events were taken, or a promise of it.
@@ -484,20 +493,28 @@ class EpollCore {
     this.#ready.length = 0;
     this.#takePending();
     if (this.#closed) return 0;
-    const due = performance.now() - this.#yielded >= YIELD_MS;
-    if (!due) {
-      const n = this.libc.epollWait(this.epoll, this.#events, 0);
-      if (n > 0 || this.#ready.length > 0 || timeout === 0) return this.#take(n);
+    const n = this.libc.epollWait(this.epoll, this.#events, 0);
+    if (n > 0 || this.#ready.length > 0 || timeout === 0) {
+      if (performance.now() - this.#parked < TURN_MS) return this.#take(n);
+      this.#away = true; // the library stays loaded until the pause is over
+      return this.libc.pause(PAUSE_MICROS).then(() => {
+        this.#away = false;
+        this.#parked = performance.now();
+        if (!this.#closed) return this.#take(n);
+        this.#release();
+        return 0;
+      });
     }
-    const wait = this.#ready.length > 0 || timeout === 0 ? 0 : timeout ?? -1;
     this.#away = true;
     this.#woken = false;
-    return this.libc.epollWaitAway(this.epoll, this.#events, wait).then(this.#arrived);
+    this.#awaySince = performance.now();
+    return this.libc.epollWaitAway(this.epoll, this.#events, timeout ?? -1).then(this.#arrived);
   }
 
   #arrived = (n: number): number => {
     this.#away = false;
-    this.#yielded = performance.now();
+    const now = performance.now();
+    if (now - this.#awaySince >= 1) this.#parked = now; // it waited: Deno's runtime parked
     if (this.#closed) {
       this.#release(); // no thread of Deno's pool uses the epoll set any more
       return 0;

@@ -12,7 +12,6 @@ import {
   processUsage,
   readAll,
   resetStorm,
-  writeAll,
 } from "./testing/helpers.ts";
 
 const noop = () => {};

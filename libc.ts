@@ -51,6 +51,13 @@ const SYMBOLS = {
     nonblocking: true,
   },
   eventfd: { parameters: ["u32", "i32"], result: "i32" },
+  /** Sleeps on a thread of Deno's pool: Deno's runtime parks meanwhile. */
+  usleep_nonblocking: {
+    name: "usleep",
+    parameters: ["u32"],
+    result: "i32",
+    nonblocking: true,
+  },
   read: { parameters: ["i32", "buffer", "usize"], result: "i32" },
   write: { parameters: ["i32", "buffer", "usize"], result: "i32" },
   close: { parameters: ["i32"], result: "i32" },
@@ -145,6 +152,11 @@ export class Libc {
       events.byteLength / EVENT_SIZE,
       timeout,
     );
+  }
+
+  /** Sleeps `micros` on a thread of Deno's pool, so that Deno's runtime parks meanwhile. */
+  pause(micros: number): Promise<number> {
+    return this.#c.usleep_nonblocking(micros);
   }
 
   eventfd(): number {
