@@ -116,6 +116,12 @@ export interface EpollListenOptions {
 const TURN_MS = 20;
 /** How long that turn lasts: a sleep on Deno's pool, long enough for the runtime to park. */
 const PAUSE_MICROS = 30;
+/**
+ * After a busy turn, how long the next poll may wait on the JS thread (ms):
+ * the next event often follows soon, and a wait on Deno's pool costs a thread
+ * hop. Deno's loop waits meanwhile, so this stays short.
+ */
+const LINGER_MS = 1;
 /** Events taken from the kernel at once. */
 const MAX_EVENTS = 1024;
 /** Pending connections the kernel queues for a listener. */
@@ -387,6 +393,8 @@ class EpollCore {
   #parked = 0;
   /** performance.now() when the current wait on Deno's pool began. */
   #awaySince = 0;
+  /** Whether the last turn had anything to report: the next poll lingers on this thread. */
+  #busy = false;
   /** True while a wait runs on Deno's pool, and whether the eventfd was written since. */
   #away = false;
   #woken = false;
@@ -493,8 +501,12 @@ class EpollCore {
     this.#ready.length = 0;
     this.#takePending();
     if (this.#closed) return 0;
-    const n = this.libc.epollWait(this.epoll, this.#events, 0);
-    if (n > 0 || this.#ready.length > 0 || timeout === 0) {
+    let n = this.libc.epollWait(this.epoll, this.#events, 0);
+    if (n === 0 && this.#ready.length === 0 && timeout !== 0 && this.#busy) {
+      n = this.libc.epollWait(this.epoll, this.#events, Math.min(LINGER_MS, timeout ?? LINGER_MS));
+    }
+    this.#busy = n > 0 || this.#ready.length > 0;
+    if (this.#busy || timeout === 0) {
       if (performance.now() - this.#parked < TURN_MS) return this.#take(n);
       this.#away = true; // the library stays loaded until the pause is over
       return this.libc.pause(PAUSE_MICROS).then(() => {
@@ -530,13 +542,9 @@ class EpollCore {
     return this.#ready;
   }
 
-  /**
-   * Reports a key this turn (once, with the union of its masks). The next turn
-   * checks it again: a key whose callback did not take its result stays ready.
-   */
+  /** Reports a key this turn (once, with the union of its masks). */
   #report(key: EpollKey, mask: number): void {
     if (mask === 0) return;
-    this.#pending.add(key);
     if (key.reportedIn === this.turn) {
       key.event[1] |= mask;
       return;
@@ -546,6 +554,7 @@ class EpollCore {
     this.#ready.push(key.event);
   }
 
+  /** Reports the keys ready without a kernel event; those no longer ready leave the set. */
   #takePending(): void {
     for (const key of this.#pending) {
       const mask = key.registered ? key.readiness() & key.events : 0;
@@ -574,7 +583,11 @@ class EpollCore {
         key.kernelMask = key.wanted();
         this.libc.epollCtl(this.epoll, EPOLL_CTL_MOD, fd, key.kernelMask);
       }
-      this.#report(key, key.onEvent(events) & key.events);
+      const mask = key.onEvent(events) & key.events;
+      this.#report(key, mask);
+      // The kernel repeats a readable socket's event until it is read; what it will not
+      // repeat (WRITE, EOF, an error, a connection accepted and not taken) is checked again.
+      if (mask & WRITE || key.sticky()) this.#pending.add(key);
     }
     return n;
   }
@@ -740,6 +753,8 @@ abstract class EpollKey implements SelectorKey<AnyData> {
   abstract readiness(): number;
   /** Handles a kernel event; returns the ready events to report. */
   abstract onEvent(events: number): number;
+  /** Whether it is READ-ready with nothing the kernel would report again (EOF, an error...). */
+  abstract sticky(): boolean;
 
   get queued(): number {
     return 0;
@@ -802,6 +817,10 @@ class ListenerKey extends EpollKey {
 
   readiness(): number {
     return this.#accepted || this.error ? READ : 0;
+  }
+
+  sticky(): boolean {
+    return this.readiness() !== 0;
   }
 
   onEvent(events: number): number {
@@ -983,10 +1002,13 @@ class ConnKey extends BufferedKey {
   #readIn = -1;
   #eof = false;
 
-  wanted(): number {
-    const reading = this.events & READ && !this.#readable && !this.blocked && !this.#eof &&
-      !this.error;
+  wanted(): number { // EPOLLIN stays while bytes wait unread: the kernel reports them again
+    const reading = this.events & READ && !this.blocked && !this.#eof && !this.error;
     return (reading ? EPOLLIN : 0) | (this.writing ? EPOLLOUT : 0);
+  }
+
+  sticky(): boolean {
+    return this.#eof || this.hungUp || this.error !== undefined;
   }
 
   readiness(): number {
@@ -1057,8 +1079,12 @@ class DatagramKey extends BufferedKey {
   readonly #senders = new WeakMap<Deno.Addr, Uint8Array>();
 
   wanted(): number {
-    const reading = this.events & READ && !this.#readable && !this.blocked;
+    const reading = this.events & READ && !this.blocked;
     return (reading ? EPOLLIN : 0) | (this.writing ? EPOLLOUT : 0);
+  }
+
+  sticky(): boolean {
+    return this.error !== undefined;
   }
 
   readiness(): number {
