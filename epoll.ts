@@ -126,7 +126,10 @@ const LINGER_MS = 1;
 const MAX_EVENTS = 1024;
 /** Pending connections the kernel queues for a listener. */
 const BACKLOG = 1024;
-/** Read sizes, as in loop.ts: an idle connection holds MIN_READ bytes; full reads grow it ×4. */
+/**
+ * Read sizes, as in loop.ts: an idle connection holds MIN_READ bytes, full
+ * reads grow it ×4; MAX_READ bounds what one read can add to a send queue.
+ */
 const MIN_READ = 256;
 const MAX_READ = 64 * 1024;
 /** A datagram socket's receive buffer: the largest UDP payload fits whole. */
@@ -311,7 +314,10 @@ export class EpollSelector implements BaseSelector {
     const core = this.#core;
     try {
       while (!this.#closed && this.#keys.size > 0) {
-        await undefined; // the coroutines the last callbacks woke run now, before the poll
+        // The coroutines the last callbacks woke run now, before the poll: two microtask
+        // ticks take one past `await recv()` and `await send()` to its next recv().
+        await undefined;
+        await undefined;
         const waiting = core.poll(undefined);
         if (typeof waiting !== "number") await waiting;
         const events = core.collected();
