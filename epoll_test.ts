@@ -1,7 +1,7 @@
 // The epoll selector alone: what the kernel's readiness gives (every ready socket in one
 // turn), what it asks of the selector (partial writes, hang-ups, errno, descriptors closed
 // once), and Deno's own loop kept running (timers, no CPU while idle).
-import { assert, assertEquals, assertLessOrEqual, assertThrows } from "@std/assert";
+import { assert, assertEquals, assertLessOrEqual, assertRejects, assertThrows } from "@std/assert";
 import { EpollSelector } from "./epoll.ts";
 import { type ConnResource, READ, type SelectorKey, WRITE } from "./loop.ts";
 import {
@@ -225,4 +225,42 @@ Deno.test("close() ends a run() that waits, and the selector refuses new work", 
   await deadline(running, "run() after close()", 1000);
   assertThrows(() => selector.listen({ hostname: "127.0.0.1", port: 0 }), Error, "closed");
   assertEquals(await selector.select(0), []);
+});
+
+Deno.test("misuse gets an error at once: registered twice, unknown, wrong kind, two selects, bad water marks, after close", async () => {
+  assertThrows(() => new EpollSelector({ highWaterMark: 10, lowWaterMark: 20 }), RangeError);
+  const selector = new EpollSelector();
+  const listener = selector.listen({ hostname: "127.0.0.1", port: 0 });
+  const socket = selector.listenDatagram({ hostname: "127.0.0.1", port: 0 });
+  assertThrows(() => selector.listenDatagram({ hostname: "example.com", port: 0 }), TypeError);
+  const key = selector.register(listener, READ, noop, "data");
+  assertEquals([selector.size, selector.getKey(listener), key.data], [1, key, "data"]);
+  assertThrows(() => selector.register(listener, READ, noop), Error, "already registered");
+  assertThrows(() => selector.register(listener, WRITE, noop), Error);
+  assertThrows(() => selector.modify(listener, WRITE), RangeError, "listener takes READ");
+  assertEquals(selector.modify(listener, READ, noop, "more").data, "more");
+  assertThrows(() => selector.modify(socket, READ), Error, "not registered");
+  assertThrows(() => selector.unregister(socket), Error, "not registered");
+  assertThrows(() => key.accept(), Deno.errors.WouldBlock);
+  assertEquals(key.queued, 0);
+  for (const call of [() => key.recv(), () => key.send(new Uint8Array(1))]) {
+    assertThrows(call, TypeError, "connection's key");
+  }
+  const datagrams = selector.register(socket, READ, noop);
+  assertThrows(() => datagrams.recvfrom(), Deno.errors.WouldBlock);
+  assertThrows(() => datagrams.accept(), TypeError, "listener's key");
+  const to = { transport: "udp", hostname: "127.0.0.1", port: 9 } as const;
+  selector.unregister(socket);
+  assertThrows(() => datagrams.sendto(new Uint8Array(1), to), Deno.errors.BadResource);
+  socket.close();
+  for (const call of [() => key.recvfrom(), () => key.sendto(new Uint8Array(1), to)]) {
+    assertThrows(call, TypeError, "datagram socket's key");
+  }
+  const waiting = selector.select(50);
+  await assertRejects(() => selector.select(0), Error, "another select()");
+  await assertRejects(() => selector.run(), Error, "another select()");
+  await waiting;
+  selector.close();
+  selector.close(); // a second close does nothing
+  assertThrows(() => selector.register(listener, READ, noop), Error, "closed");
 });

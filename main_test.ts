@@ -160,6 +160,7 @@ Deno.test("bad flags and values print one line saying what is wrong, exit 2", as
     [["8888"], `Unexpected argument "8888"`],
     [["--verbose", "--quiet"], "--verbose and --quiet do not go together"],
     [["--style", "threads"], `--style must be callbacks or async, got "threads"`],
+    [["--selector", "kqueue"], `--selector must be deno or epoll, got "kqueue"`],
     [["--host="], "--host needs a value, not an empty one"],
     [["--port", " "], "--port needs a value, not an empty one"],
     [
@@ -276,4 +277,21 @@ Deno.test("the client reports a wrong echo, one line per connection, exit 1", as
     "connection 1: byte 0 differs: sent 104, got 72\nconnection 2: byte 0 differs: sent 104, got 72\n",
   );
   assertMatch(result.stdout, /^0\/2 echoed in \d+ ms\n$/);
+});
+
+Deno.test("--selector epoll without --allow-ffi, or with a host name: one line saying what to do, exit 1", async () => {
+  const noFfi = await runScript("main.ts", ["--port", "0", "--selector", "epoll"]);
+  assertEquals([noFfi.code, noFfi.stdout], [1, ""]);
+  assertEquals(
+    noFfi.stderr,
+    "main.ts: --selector epoll calls the C library: add --allow-ffi (it lifts Deno's sandbox: see docs/operations.md)\n",
+  );
+  const named = await runScript("main.ts", ["--host", "example.com", "--port", "0"], {
+    selector: "epoll",
+  });
+  assertEquals([named.code, named.stdout], [1, ""]);
+  assertEquals(
+    named.stderr,
+    `main.ts: cannot listen on "example.com": --selector epoll takes numeric addresses and localhost (resolve the name first, or use --selector deno)\n`,
+  );
 });

@@ -24,6 +24,24 @@ async function startPool(args: string[] = []) {
   return { server, pids: [Number(first), Number(second)] };
 }
 
+Deno.test("--workers 2 --selector epoll share one port through the epoll selector's own SO_REUSEPORT", async () => {
+  const permissions = [...PARENT.permissions, "--allow-ffi"];
+  await using server = await ServerProcess.start(
+    ["--port", "0", "--workers", "2", "--selector", "epoll"],
+    { permissions },
+  );
+  await server.waitFor(/with 2 workers/);
+  const client = await runScript("client.ts", ["--port", `${server.port}`, "--count", "100"]);
+  assertEquals([client.code, client.stderr], [0, ""]);
+  const { code, stdout } = await server.stop("SIGTERM");
+  assertEquals(code, 0);
+  const served = [...stdout.matchAll(/^worker \d: served (\d+) connections?/gm)].map((m) =>
+    Number(m[1])
+  );
+  assertEquals(served.length, 2, stdout);
+  assert(served.every((count) => count > 0), `a worker served nothing: ${stdout}`);
+});
+
 /** Whether a process runs (kill -0 through sh: Deno.kill needs broader permissions). */
 async function alive(pid: number): Promise<boolean> {
   const { code } = await new Deno.Command("sh", { args: ["-c", `kill -0 ${pid} 2>/dev/null`] })

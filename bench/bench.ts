@@ -1,6 +1,7 @@
 /**
- * `deno task bench`: main.ts, in both styles, against the idiomatic Deno echo
- * server (bench/baseline_echo.ts), driven by bench/load.ts in the same run,
+ * `deno task bench`: main.ts, in both styles and on both selectors (epoll on
+ * Linux), against the idiomatic Deno echo server (bench/baseline_echo.ts),
+ * driven by bench/load.ts in the same run,
  * scenario by scenario, so that a noisy moment hits both. Prints a table of
  * round trips per second, latency percentiles, fairness, the ratio to the
  * baseline, and the memory each idle connection costs each server; and draws
@@ -15,6 +16,11 @@ import { type LoadResult, runLoad } from "./load.ts";
 import { parseCommandLine } from "../cli.ts";
 import { processUsage } from "../testing/helpers.ts";
 import { chart, type Row } from "./chart.ts";
+import { unsupported } from "../libc.ts";
+
+/** Whether the epoll selector runs here (Linux); its servers get `--allow-ffi` on top. */
+const epoll = unsupported() === undefined;
+const FFI = ["--allow-net=127.0.0.1", "--allow-ffi"];
 
 /** A load to measure: `count` connections sending `size`-byte messages. */
 interface Scenario {
@@ -42,13 +48,18 @@ class Server {
   readonly port: number;
   readonly #child: Deno.ChildProcess;
 
-  constructor(name: string, script: string, args: string[]) {
+  constructor(
+    name: string,
+    script: string,
+    args: string[],
+    permissions = ["--allow-net=127.0.0.1"],
+  ) {
     this.name = name;
     const probe = Deno.listen({ hostname: "127.0.0.1", port: 0 });
     this.port = probe.addr.port;
     probe.close();
     this.#child = new Deno.Command("deno", {
-      args: ["run", "--allow-net=127.0.0.1", `${root}${script}`, ...args, `${this.port}`],
+      args: ["run", ...permissions, `${root}${script}`, ...args, `${this.port}`],
       stdin: "null",
       stdout: "null",
     }).spawn();
@@ -117,6 +128,14 @@ async function main(args: string[]): Promise<number> {
     new Server("baseline", "bench/baseline_echo.ts", []),
     new Server("callbacks", "main.ts", ["--quiet", "--port"]),
     new Server("async", "main.ts", ["--quiet", "--style", "async", "--port"]),
+    ...(epoll
+      ? [
+        new Server("epoll", "main.ts", ["--quiet", "--selector", "epoll", "--port"], FFI),
+        new Server("epoll async", "main.ts", [
+          ...["--quiet", "--selector", "epoll", "--style", "async", "--port"],
+        ], FFI),
+      ]
+      : []),
   ];
   try {
     await Promise.all(servers.map((server) => server.ready()));
@@ -177,7 +196,12 @@ async function main(args: string[]): Promise<number> {
     const title =
       `deno task bench: Deno ${Deno.version.deno}, ${navigator.hardwareConcurrency} cpus, ` +
       `${duration} s per scenario, median of ${runs}`;
-    const legend = ["idiomatic Deno", "main.ts (callbacks)", "main.ts (async)"];
+    const legend = [
+      "idiomatic Deno",
+      "main.ts (callbacks)",
+      "main.ts (async)",
+      ...(epoll ? ["epoll (callbacks)", "epoll (async)"] : []),
+    ];
     await Deno.writeTextFile(CHART, chart(legend, rows, title));
     console.log(`Chart: ${CHART}`);
     return failed ? 1 : 0;

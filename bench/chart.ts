@@ -22,7 +22,8 @@ export interface Row {
   bars: Bar[];
 }
 
-const COLORS = ["#9aa0a6", "#1a73e8", "#e8710a"]; // baseline grey, then blue, orange
+/** Baseline grey, then blue and orange (the deno selector), green and purple (epoll). */
+const COLORS = ["#9aa0a6", "#1a73e8", "#e8710a", "#188038", "#9334e6"];
 const LABEL_WIDTH = 120;
 const PANEL_WIDTH = 330;
 const GAP = 40;
@@ -50,7 +51,9 @@ export function chart(servers: string[], rows: Row[], title: string): string {
   text(width - 10, 37, "bars scaled per scenario", 'text-anchor="end" fill="#5f6368"');
   servers.forEach((name, i) => {
     const x = 10 + i * 150;
-    parts.push(`<rect x="${x}" y="28" width="10" height="10" fill="${COLORS[i % 3]}"/>`);
+    parts.push(
+      `<rect x="${x}" y="28" width="10" height="10" fill="${COLORS[i % COLORS.length]}"/>`,
+    );
     text(x + 14, 37, name);
   });
   const panels = [
@@ -72,7 +75,7 @@ export function chart(servers: string[], rows: Row[], title: string): string {
         parts.push(
           `<rect x="${left}" y="${y}" width="${length.toFixed(1)}" height="${
             BAR_HEIGHT - 2
-          }" fill="${COLORS[b % 3]}"/>`,
+          }" fill="${COLORS[b % COLORS.length]}"/>`,
         );
         text(left + length + 4, y + BAR_HEIGHT - 3, format(value), 'font-size="10"');
       });
