@@ -12,6 +12,7 @@ import {
   processUsage,
   readAll,
   resetStorm,
+  ServerProcess,
 } from "./testing/helpers.ts";
 
 const noop = () => {};
@@ -263,4 +264,27 @@ Deno.test("misuse gets an error at once: registered twice, unknown, wrong kind, 
   selector.close();
   selector.close(); // a second close does nothing
   assertThrows(() => selector.register(listener, READ, noop), Error, "closed");
+});
+
+Deno.test("SIGTERM reaches an epoll server that a flood keeps busy: it shuts down within a second", async () => {
+  // At a lower priority than two flooders, the server never runs out of datagrams to read.
+  await using server = await ServerProcess.start(["--port", "0", "--udp"], {
+    selector: "epoll",
+    shell: "renice -n 10 $$ >/dev/null",
+  });
+  const flood =
+    `const s = Deno.listenDatagram({ transport: "udp", hostname: "127.0.0.1", port: 0 });
+    const to = { transport: "udp", hostname: "127.0.0.1", port: ${server.port} };
+    for (const end = Date.now() + 3000; Date.now() < end;) await s.send(new Uint8Array(8), to);`;
+  const flooding = Array.from(
+    { length: 2 },
+    () => new Deno.Command("deno", { args: ["eval", "--unstable-net", flood] }).output(),
+  );
+  await delay(800); // the flood runs
+  const start = performance.now();
+  const { code } = await server.stop("SIGTERM", 5000);
+  const took = performance.now() - start;
+  await Promise.all(flooding);
+  assertEquals(code, 0);
+  assertLessOrEqual(took, 1000, `the shutdown took ${Math.round(took)} ms under the flood`);
 });
