@@ -25,14 +25,19 @@ import {
 import { unsupported } from "./libc.ts";
 
 export {
+  denoSockets,
+  epollSockets,
   type LogLevel,
   serve,
   type ServeOptions,
   type Server,
   type ServerStats,
+  type Sockets,
+  type SocketsFactory,
   type Style,
 } from "./server.ts";
 export type { Log, LogFormat } from "./log.ts";
+export type { AnyTraceEvent } from "./trace.ts";
 
 /** --trace prints at most this many lines a second, then says how many it left out. */
 const TRACE_LINES_PER_SECOND = 200;

@@ -1,7 +1,9 @@
 // The package as a user meets it: the README's import example, run against this
 // checkout through the package's own exports (testing/reuse/deno.json links it).
-import { assertEquals } from "@std/assert";
+import { assert, assertEquals } from "@std/assert";
 import { deadline } from "./testing/helpers.ts";
+
+const root = new URL("./", import.meta.url);
 
 Deno.test("the README's import example runs, importing loop.ts through the package's exports", async () => {
   const readme = await Deno.readTextFile(new URL("README.md", import.meta.url));
@@ -24,4 +26,52 @@ Deno.test("the README's import example runs, importing loop.ts through the packa
     "accepted one connection\n",
     "",
   ]);
+});
+
+/** Runs deno with `args` in the repository: what it wrote on stdout and stderr, or a failure. */
+async function deno(...args: string[]): Promise<{ stdout: string; stderr: string }> {
+  const { code, stdout, stderr } = await new Deno.Command("deno", {
+    args,
+    cwd: root.pathname,
+    env: { NO_COLOR: "1" },
+  }).output();
+  const decoder = new TextDecoder();
+  const output = { stdout: decoder.decode(stdout), stderr: decoder.decode(stderr) };
+  assertEquals(code, 0, `deno ${args.join(" ")}:\n${output.stderr}`);
+  return output;
+}
+
+Deno.test("the package's exports pass deno doc --lint on their own, as JSR checks them", async () => {
+  const { exports } = JSON.parse(await Deno.readTextFile(new URL("deno.json", root)));
+  await deno("doc", "--lint", ...Object.values(exports as Record<string, string>));
+});
+
+Deno.test("what JSR would publish: every import of a published module, every link and image of a published page, is published too", async () => {
+  const { stdout, stderr } = await deno("publish", "--dry-run", "--allow-dirty");
+  const listing = stdout + stderr;
+  const published = new Set(
+    [...listing.matchAll(/^\s+(file:\/\/\S+) \(/gm)].map(([, url]) => url),
+  );
+  assert(published.has(new URL("README.md", root).href), listing);
+  const missing: string[] = [];
+  for (const file of published) {
+    if (file.endsWith(".ts")) {
+      const graph = await deno("info", "--json", new URL(file).pathname);
+      const { modules } = JSON.parse(graph.stdout);
+      for (const { specifier } of modules as { specifier: string }[]) {
+        if (specifier.startsWith("file:") && !published.has(specifier)) {
+          missing.push(`${file} imports ${specifier}`);
+        }
+      }
+    } else if (file.endsWith(".md")) {
+      const text = await Deno.readTextFile(new URL(file));
+      for (const [, link] of text.matchAll(/\]\(([^)\s#]+)[^)]*\)/g)) {
+        if (/^[a-z]+:/.test(link)) continue;
+        const target = new URL(link, file).href;
+        if (!published.has(target)) missing.push(`${file} links to ${target}`);
+      }
+    }
+  }
+  const relative = missing.map((line) => line.replaceAll(root.href, ""));
+  assertEquals(relative, [], relative.join("\n"));
 });
