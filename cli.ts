@@ -1,7 +1,8 @@
 /**
  * What the scripts' command lines share: flags (`--name value`, `--name=value`
  * and boolean `--name`) checked against a table with one-line errors, options
- * with defaults, and the message for a server that is not running.
+ * with defaults, the message for a server that is not running, the signals
+ * that stop a server, and the latency figures the client's reports print.
  *
  * @module
  */
@@ -85,19 +86,29 @@ export function parseFlags<const Specs extends FlagSpecs>(
   return flags as Flags<Specs>; // each value was read as its spec says
 }
 
+/** Decimal digits only: `0x22B9`, `1e3` and ` 7` are not whole numbers here. */
+const WHOLE_NUMBER = /^\d+$/;
+/** A decimal number, perhaps with a fraction or an exponent: `1.5`, `.25`, `2e-3`. */
+const DECIMAL_NUMBER = /^(\d+\.?\d*|\.\d+)(e[+-]?\d+)?$/i;
+
 function toNumber(name: string, text: string, spec: FlagSpec): number {
   const { min = -Infinity, max = Infinity } = spec;
-  const value = Number(text);
   const integer = spec.type === "integer";
-  if (
-    (integer ? Number.isInteger(value) : Number.isFinite(value)) &&
-    value >= min && value <= max
-  ) {
-    return value;
-  }
-  const kind = integer ? "a whole number" : "a number";
+  const value = (integer ? WHOLE_NUMBER : DECIMAL_NUMBER).test(text) ? Number(text) : NaN;
+  if (Number.isFinite(value) && value >= min && value <= max) return value;
+  const kind = integer ? "a whole number" : "a finite number";
   const range = max === Infinity ? `${min} or more` : `from ${min} to ${max}`;
   throw new UsageError(`--${name} must be ${kind} ${range}, got "${text}"`);
+}
+
+/**
+ * Reads a whole number written in decimal digits, as flags of type `integer` are read.
+ *
+ * @param text What the user wrote.
+ * @returns The number, or NaN if `text` is anything else (`0x10`, `1e3`, `-1`).
+ */
+export function wholeNumber(text: string): number {
+  return WHOLE_NUMBER.test(text) ? Number(text) : NaN;
 }
 
 /** What a script says about itself, for {@linkcode parseCommandLine}. */
@@ -175,6 +186,26 @@ export function withDefaults<T extends object>(options: Partial<T>, defaults: T)
 }
 
 /**
+ * The flag that grants network access to `host`: an IPv6 address in brackets,
+ * as Deno reads it (`--allow-net=::1` is refused).
+ *
+ * @example Usage
+ * ```ts
+ * import { allowNetFlag } from "./cli.ts";
+ * import { assertEquals } from "@std/assert";
+ *
+ * assertEquals(allowNetFlag("::1"), "--allow-net=[::1]");
+ * assertEquals(allowNetFlag("127.0.0.1"), "--allow-net=127.0.0.1");
+ * ```
+ *
+ * @param host An address or host name.
+ * @returns The `--allow-net=` flag.
+ */
+export function allowNetFlag(host: string): string {
+  return `--allow-net=${host.includes(":") ? `[${host}]` : host}`;
+}
+
+/**
  * What to tell a user whose connections were refused.
  *
  * @param script The script that connected, to start the line with: `client.ts`.
@@ -185,4 +216,90 @@ export function withDefaults<T extends object>(options: Partial<T>, defaults: T)
 export function refusedMessage(script: string, hostname: string, port: number): string {
   const portFlag = port === 8888 ? "" : ` --port ${port}`; // main.ts's default port
   return `${script}: connection refused by ${hostname}:${port}: is the server running? Start it with: deno task start${portFlag}`;
+}
+
+/**
+ * A repeat of the same signal within this many milliseconds is the same request,
+ * not a second one. Under `deno task`, one Ctrl-C reaches the server twice,
+ * about 1 ms apart: the terminal signals the whole process group, and the task
+ * forwards the signal to its child as well.
+ */
+export const SAME_SIGNAL_MS = 200;
+
+/** The signals that stop a server, with the exit status a shell gives a process killed by each. */
+const STOP_SIGNALS = [["SIGINT", 130], ["SIGTERM", 143]] as const;
+
+/** What {@linkcode onStopSignals} does with SIGINT and SIGTERM. */
+export interface StopSignalHandlers {
+  /** The first signal: shut down gracefully. */
+  stop(signal: Deno.Signal): void;
+  /** A second signal: stop at once, and exit with this status (130 or 143). */
+  force(status: number): void;
+  /** Whether the server is stopping already, for whatever reason (default: a signal came). */
+  stopping?: () => boolean;
+  /** A signal left to someone else, and caught so that it does not kill (a worker leaves SIGINT to its parent). */
+  ignore?: Deno.Signal;
+}
+
+/**
+ * Listens for SIGINT and SIGTERM: the first stops the server gracefully, a second
+ * forces it, except the same signal again within {@linkcode SAME_SIGNAL_MS}.
+ *
+ * @param handlers What to do on the first signal and on a second.
+ * @returns Removes the listeners.
+ */
+export function onStopSignals(handlers: StopSignalHandlers): () => void {
+  let first: { signal: Deno.Signal; at: number } | undefined;
+  const stopping = handlers.stopping ?? (() => first !== undefined);
+  const removers = STOP_SIGNALS.map(([signal, status]) => {
+    const handler = () => {
+      const now = performance.now();
+      if (signal === handlers.ignore) return; // listened to, so that it does not kill
+      if (!stopping()) {
+        first = { signal, at: now };
+        handlers.stop(signal);
+      } else if (signal !== first?.signal || now - first.at >= SAME_SIGNAL_MS) {
+        handlers.force(status);
+      }
+    };
+    Deno.addSignalListener(signal, handler);
+    return () => Deno.removeSignalListener(signal, handler);
+  });
+  return () => removers.forEach((remove) => remove());
+}
+
+/** Latency figures in milliseconds, named alike in every report: client.ts's and bench/load.ts's. */
+export interface LatencyFigures {
+  /** The fastest. */
+  min: number;
+  /** The median. */
+  p50: number;
+  /** The 99th percentile. */
+  p99: number;
+  /** The 99.9th percentile. */
+  p999: number;
+  /** The slowest. */
+  max: number;
+}
+
+/**
+ * The latency figures of a set of times, each percentile by nearest rank (the
+ * smallest time at or above that share of all); NaN for each when there are none.
+ *
+ * @example Usage
+ * ```ts
+ * import { latencyFigures } from "./cli.ts";
+ * import { assertEquals } from "@std/assert";
+ *
+ * const times = Array.from({ length: 100 }, (_, i) => i + 1);
+ * assertEquals(latencyFigures(times), { min: 1, p50: 50, p99: 99, p999: 100, max: 100 });
+ * ```
+ *
+ * @param times Times in milliseconds, in any order (the array is sorted in place).
+ * @returns min, p50, p99, p999 and max.
+ */
+export function latencyFigures(times: number[]): LatencyFigures {
+  times.sort((a, b) => a - b);
+  const at = (share: number) => times[Math.max(0, Math.ceil(share * times.length) - 1)] ?? NaN;
+  return { min: at(0), p50: at(0.5), p99: at(0.99), p999: at(0.999), max: at(1) };
 }

@@ -12,7 +12,15 @@
  * @module
  */
 
-import { type Flags, parseCommandLine, refusedMessage, UsageError, withDefaults } from "./cli.ts";
+import {
+  allowNetFlag,
+  type Flags,
+  latencyFigures,
+  parseCommandLine,
+  refusedMessage,
+  UsageError,
+  withDefaults,
+} from "./cli.ts";
 
 /** Options for {@linkcode runClients}. */
 export interface ClientOptions {
@@ -158,7 +166,7 @@ async function echoOnce(
     if (error instanceof Deno.errors.NotCapable) {
       const fix = unixPath
         ? `--allow-read=${unixPath} --allow-write=${unixPath} --allow-net=unix:${unixPath}`
-        : `--allow-net=${hostname.includes(":") ? `[${hostname}]` : hostname}`;
+        : allowNetFlag(hostname);
       const where = unixPath || `${hostname}:${port}`;
       return result(`no permission to connect to ${where}: run with ${fix}`, false, true);
     }
@@ -311,7 +319,7 @@ export async function main(args: string[]): Promise<number> {
   const options = withDefaults(parsed.options.options, DEFAULTS);
   if (options.udp && typeof Deno.listenDatagram !== "function") {
     console.error(
-      "client.ts: --udp needs Deno's unstable UDP API: add --unstable-net to deno run (deno task client has it)",
+      "client.ts: --udp needs Deno's unstable UDP API: add --unstable-net to deno run (the tasks have it, from deno.json)",
     );
     return 2;
   }
@@ -362,6 +370,9 @@ async function printEchoes(options: Required<ClientOptions>, json: boolean): Pro
   return passed === results.length ? 0 : 1;
 }
 
+/** The version of `--json`'s shape, in the document: bumped when a field changes or goes away. */
+export const CLIENT_REPORT_SCHEMA = "echo-client/1";
+
 /** Everything a run found, for `--json`: each connection, and a summary. */
 function report(
   options: Required<ClientOptions>,
@@ -370,17 +381,18 @@ function report(
   failure: string | undefined,
 ) {
   const { hostname, port, unixPath, udp } = options;
-  const times = results.map((result) => result.ms).toSorted((a, b) => a - b);
-  const at = (q: number) => round(times[Math.max(0, Math.ceil(q * times.length) - 1)]); // nearest rank
+  const latency = latencyFigures(results.map((result) => result.ms));
   const ok = results.filter((result) => result.ok).length;
   return {
+    schema: CLIENT_REPORT_SCHEMA,
     server: unixPath ? { unix: unixPath } : { host: hostname, port, protocol: udp ? "udp" : "tcp" },
     summary: {
       count: results.length,
       ok,
       failed: results.length - ok,
       bytes: results.reduce((sum, result) => sum + result.bytes, 0),
-      ms: { total: round(ms), min: at(0), p50: at(0.5), p99: at(0.99), max: at(1) },
+      elapsedMs: round(ms),
+      ms: Object.fromEntries(Object.entries(latency).map(([name, value]) => [name, round(value)])),
       ...(failure ? { error: failure } : {}),
     },
     results: results.map((result) => ({ ...result, ms: round(result.ms) })),

@@ -8,7 +8,7 @@ const root = new URL("./", import.meta.url);
 function* files(dir = ""): Generator<string> {
   for (const entry of Deno.readDirSync(new URL(dir || ".", root))) {
     const path = dir + entry.name;
-    if ([".git", "coverage", ".sockets", "node_modules"].includes(entry.name)) continue;
+    if ([".git", "coverage", "node_modules"].includes(entry.name)) continue;
     if (entry.isDirectory) yield* files(`${path}/`);
     else if (entry.isFile) yield path;
   }

@@ -27,6 +27,8 @@ export interface ConnInfo {
   bytes: number;
   /** performance.now() of the last read, for the idle timeout. */
   lastRead: number;
+  /** performance.now() when it was accepted, for its duration in logs and metrics. */
+  opened: number;
 }
 
 /** A served connection, as its style holds it: a selector key, or a coroutine's Connection. */

@@ -20,19 +20,28 @@ export interface Log {
    * Logs an error.
    *
    * @param message The line.
+   * @param fields More to put in a JSON line (a text line leaves them out).
    */
-  error(message: string): void;
+  error(message: string, fields?: Record<string, unknown>): void;
 }
 
 /**
- * Log lines as plain text, or as one JSON object each, with a timestamp.
+ * The version of the JSON log lines' shape, in each line: a collector can tell
+ * which fields to expect. Bumped when a field changes its meaning or goes away.
+ */
+export const LOG_SCHEMA = "echo-log/1";
+
+/**
+ * Log lines as plain text, or as one JSON object each, with a timestamp, the
+ * schema, and the fields a line carries besides its message (peer, bytes,
+ * durationMs, event...).
  *
  * @example Usage
  * ```ts
  * import { logTo } from "./log.ts";
  *
  * logTo("json", { worker: 2 }).info("listening on 127.0.0.1:8888");
- * // {"time":"2026-12-01T17:00:00.000Z","level":"info","message":"listening on 127.0.0.1:8888","worker":2}
+ * // {"time":"2026-12-01T17:00:00.000Z","level":"info","message":"listening on 127.0.0.1:8888","schema":"echo-log/1","worker":2}
  * ```
  *
  * @param format `text` or `json`.
@@ -44,10 +53,17 @@ export function logTo(format: LogFormat, fields: Record<string, unknown> = {}): 
     return { info: (message) => console.log(message), error: (message) => console.error(message) };
   }
   const line = (level: string, message: string, more?: Record<string, unknown>) =>
-    JSON.stringify({ time: new Date().toISOString(), level, message, ...fields, ...more });
+    JSON.stringify({
+      time: new Date().toISOString(),
+      level,
+      message,
+      schema: LOG_SCHEMA,
+      ...fields,
+      ...more,
+    });
   return {
     info: (message, more) => console.log(line("info", message, more)),
-    error: (message) => console.error(line("error", message)),
+    error: (message, more) => console.error(line("error", message, more)),
   };
 }
 

@@ -10,7 +10,16 @@
  * @module
  */
 
-import { type Flags, parseCommandLine, UsageError, withDefaults } from "./cli.ts";
+import {
+  allowNetFlag,
+  type Flags,
+  onStopSignals,
+  parseCommandLine,
+  SAME_SIGNAL_MS,
+  UsageError,
+  wholeNumber,
+  withDefaults,
+} from "./cli.ts";
 import { createTracer, formatAddr } from "./trace.ts";
 import { describeError, type Log, logTo, plural } from "./log.ts";
 import { runWorkers } from "./workers.ts";
@@ -73,14 +82,18 @@ ${USAGE}
   --quiet            log errors only
   --workers N        N processes share the port (SO_REUSEPORT, Linux), auto: one per CPU;
                      the parent restarts a worker that dies, and shuts all down on a signal.
-                     Needs --allow-run=deno and --unstable-net (deno task start has both);
-                     each worker gets only --allow-net for its host. --max-conns is per worker,
-                     and the first worker serves --udp
-  --worker ID        set by --workers on each worker it starts: share the port, log JSON
-                     lines for the parent, shut down when stdin closes
+                     Needs --allow-run for this Deno (deno task start:workers grants it) and
+                     --unstable-net; each worker gets only --allow-net for its host.
+                     --max-conns is per worker, and the first worker serves --udp
   --help             show this help
 
-SIGINT or SIGTERM shuts down gracefully: a second one exits at once.`;
+SIGINT or SIGTERM shuts down gracefully: every byte already read is echoed. A second
+one exits at once (the same signal again within ${SAME_SIGNAL_MS} ms is the same request:
+deno task forwards a Ctrl-C the server has already had).
+
+Exit status: 0 after a clean shutdown (with --workers: no worker crashed; one stopped by
+a SIGTERM from outside is restarted), 1 if the server could not start or a worker crashed,
+2 on bad usage, 130 or 143 when a second SIGINT or SIGTERM forced the exit.`;
 
 const FLAGS = {
   host: { type: "text" },
@@ -98,6 +111,8 @@ const FLAGS = {
   verbose: { type: "boolean" },
   quiet: { type: "boolean" },
   workers: { type: "text" },
+  // Not in --help: --workers sets it on each worker it starts, which then shares the
+  // port, logs JSON lines for its parent, and shuts down when its stdin closes.
   worker: { type: "integer", min: 1 },
 } as const;
 
@@ -119,7 +134,7 @@ function workerCount(text: string | undefined): number {
   const cpus = navigator.hardwareConcurrency;
   if (text === undefined) return 1;
   if (text === "auto") return cpus;
-  const count = Number(text);
+  const count = wholeNumber(text);
   if (!Number.isInteger(count) || count < 1 || count > 4 * cpus) {
     throw new UsageError(
       `--workers must be auto or a whole number from 1 to ${4 * cpus} (4 per CPU), got "${text}"`,
@@ -199,9 +214,14 @@ function listenError(error: unknown, options: typeof DEFAULTS): string {
     if (error instanceof Deno.errors.NotCapable) {
       return `no permission to use the socket ${path}: run with --allow-read=${path} --allow-write=${path} --allow-net=unix:${path}`;
     }
+    if (error instanceof Deno.errors.NotFound) {
+      const slash = path.lastIndexOf("/");
+      const directory = slash > 0 ? path.slice(0, slash) : slash === 0 ? "/" : ".";
+      return `cannot listen on ${path}: the directory ${directory} does not exist (create it, or choose another path with --unix)`;
+    }
     return `cannot listen on ${path}: ${describeError(error)}`;
   }
-  const where = `${host}:${port}`;
+  const where = host.includes(":") ? `[${host}]:${port}` : `${host}:${port}`;
   if (error instanceof TypeError && /numeric addresses/.test(error.message)) {
     return `cannot listen on "${host}": --selector epoll takes numeric addresses and localhost (resolve the name first, or use --selector deno)`;
   }
@@ -211,7 +231,7 @@ function listenError(error: unknown, options: typeof DEFAULTS): string {
   }
   if (error instanceof Deno.errors.NotCapable) {
     const task = host === "127.0.0.1" ? " (deno task start does)" : "";
-    return `no permission to listen on ${where}: run with --allow-net=${host}${task}`;
+    return `no permission to listen on ${where}: run with ${allowNetFlag(host)}${task}`;
   }
   if (error instanceof Deno.errors.AddrNotAvailable) {
     return `cannot listen on ${host}: it is not an address of this machine (check --host)`;
@@ -254,7 +274,10 @@ async function claimUnixPath(
     if (!(error instanceof Deno.errors.ConnectionRefused)) throw error;
   }
   await Deno.remove(path); // stale: left by a server that did not shut down
-  log?.info(`removed the stale socket file ${path}: nothing was listening on it`);
+  log?.info(`removed the stale socket file ${path}: nothing was listening on it`, {
+    event: "stale-socket-removed",
+    path,
+  });
   return undefined;
 }
 
@@ -291,7 +314,7 @@ export async function main(args: string[]): Promise<number> {
   const unstable = epoll || typeof Deno.listenDatagram === "function";
   if (options.udp && !unstable) {
     console.error(
-      "main.ts: --udp needs Deno's unstable UDP API: add --unstable-net to deno run (deno task start has it)",
+      "main.ts: --udp needs Deno's unstable UDP API: add --unstable-net to deno run (the tasks have it, from deno.json)",
     );
     return 2;
   }
@@ -311,7 +334,6 @@ export async function main(args: string[]): Promise<number> {
     : options.logLevel === "quiet"
     ? undefined
     : logTo(options.logFormat);
-  const forParent = (fields: Record<string, unknown>) => worker === undefined ? {} : fields;
   let server: Server;
   try {
     const unavailable = options.unixPath && await claimUnixPath(options.unixPath, log);
@@ -332,18 +354,18 @@ export async function main(args: string[]): Promise<number> {
   let stopping = false;
   const stop = (how: string) => {
     stopping = true;
-    log?.info(`shutting down: ${plural(server.stats.open, "connection")} to finish (${how})`);
+    const { open } = server.stats;
+    log?.info(`shutting down: ${plural(open, "connection")} to finish (${how})`, {
+      event: "stopping",
+      open,
+    });
     server.close();
   };
-  const signals = [["SIGINT", 130], ["SIGTERM", 143]] as const;
-  const handlers = signals.map(([signal, status]) => {
-    const handler = () => {
-      if (worker !== undefined && signal === "SIGINT") return;
-      if (stopping) Deno.exit(status);
-      stop(`${signal} again to force`);
-    };
-    Deno.addSignalListener(signal, handler);
-    return () => Deno.removeSignalListener(signal, handler);
+  const removeSignalListeners = onStopSignals({
+    stop: (signal) => stop(`${signal} again to force`),
+    force: (status) => Deno.exit(status),
+    stopping: () => stopping,
+    ignore: worker === undefined ? undefined : "SIGINT",
   });
   if (worker !== undefined) {
     untilEnd(Deno.stdin).then(() => stopping || stop("the parent closed stdin"));
@@ -355,15 +377,16 @@ export async function main(args: string[]): Promise<number> {
   const port = "port" in addr ? addr.port : undefined;
   log?.info(
     `listening on ${address}${exposed ? " (reachable from the network)" : ""}`,
-    forParent({ event: "listening", address, port, exposed }),
+    { event: "listening", address, port, exposed },
   );
   await server.finished;
-  for (const remove of handlers) remove();
-  const { accepted, bytes, failed } = server.stats;
-  log?.info(
-    summary(server.stats, options.udp),
-    forParent({ event: "summary", stats: { accepted, bytes, failed } }),
-  );
+  removeSignalListeners();
+  const { accepted, peak, bytes, failed, datagrams, dropped } = server.stats;
+  const udp = options.udp ? { datagrams, dropped } : {};
+  log?.info(summary(server.stats, options.udp), {
+    event: "summary",
+    stats: { accepted, peak, bytes, failed, ...udp },
+  });
   return 0;
 }
 
@@ -394,14 +417,14 @@ async function startWorkers(
     );
     return 1;
   }
-  if ((await Deno.permissions.query({ name: "run", command: "deno" })).state !== "granted") {
+  const deno = Deno.execPath(); // the workers run the Deno that runs this
+  if ((await Deno.permissions.query({ name: "run", command: deno })).state !== "granted") {
     console.error(
-      "main.ts: --workers starts its workers with deno: add --allow-run=deno (deno task start has it)",
+      `main.ts: --workers starts its workers with this Deno: add --allow-run=${deno} (deno task start:workers does)`,
     );
     return 1;
   }
   const { hostname, maxConns, idleTimeout, style, fairness, logLevel, udp, udpRate } = options;
-  const net = hostname.includes(":") ? `[${hostname}]` : hostname;
   const ffi = how.selector === "epoll" ? ["--allow-ffi"] : [];
   const level = logLevel === "quiet" ? ["--quiet"] : logLevel === "verbose" ? ["--verbose"] : [];
   const flags = [
@@ -415,7 +438,7 @@ async function startWorkers(
     logFormat: options.logFormat,
     quiet: logLevel === "quiet",
     command: (id, port) => [
-      ...["run", `--allow-net=${net}`, "--unstable-net", ...ffi, import.meta.url, ...flags],
+      ...["run", allowNetFlag(hostname), "--unstable-net", ...ffi, import.meta.url, ...flags],
       ...["--port", `${port}`, "--worker", `${id}`],
       // UDP is one socket: the first worker serves it.
       ...(udp && id === 1 ? ["--udp", "--udp-rate", `${udpRate}`] : []),

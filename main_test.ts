@@ -155,7 +155,11 @@ Deno.test("bad flags and values print one line saying what is wrong, exit 2", as
     [["--port=-1"], `--port must be a whole number from 0 to 65535, got "-1"`],
     [["--port"], "--port needs a value"],
     [["--max-conns", "0"], `--max-conns must be a whole number 1 or more, got "0"`],
-    [["--idle-timeout", "soon"], `--idle-timeout must be a number 0 or more, got "soon"`],
+    [["--idle-timeout", "soon"], `--idle-timeout must be a finite number 0 or more, got "soon"`],
+    [["--idle-timeout", "1e400"], `--idle-timeout must be a finite number 0 or more, got "1e400"`],
+    // Ports and counts are decimal: Number() would read 0x22B9 as 8889, 1e3 as 1000.
+    [["--port", "0x22B9"], `--port must be a whole number from 0 to 65535, got "0x22B9"`],
+    [["--max-conns", "1e3"], `--max-conns must be a whole number 1 or more, got "1e3"`],
     [["--nope"], "Unknown flag --nope"],
     [["8888"], `Unexpected argument "8888"`],
     [["--verbose", "--quiet"], "--verbose and --quiet do not go together"],
@@ -180,6 +184,12 @@ Deno.test("bad flags and values print one line saying what is wrong, exit 2", as
         4 * navigator.hardwareConcurrency
       } (4 per CPU), got "many"`,
     ],
+    [
+      ["--workers", "0x2"],
+      `--workers must be auto or a whole number from 1 to ${
+        4 * navigator.hardwareConcurrency
+      } (4 per CPU), got "0x2"`,
+    ],
     [["--workers", "2", "--unix", "/tmp/x.sock"], "--workers share a TCP port: not with --unix"],
     [
       ["--workers", "2", "--worker", "1"],
@@ -196,10 +206,12 @@ Deno.test("bad flags and values print one line saying what is wrong, exit 2", as
   }));
 });
 
-Deno.test("--help and -h print the flags and exit 0", async () => {
+Deno.test("--help and -h print the flags and the exit status, and exit 0; --worker is not shown", async () => {
   const { code, stdout } = await runScript("main.ts", ["--help"]);
   assertEquals(code, 0);
   assertEquals(await runScript("main.ts", ["-h"]), { code, stdout, stderr: "" });
+  assertMatch(stdout, /^Exit status: 0 after a clean shutdown/m);
+  assertEquals(/--worker\b/.test(stdout), false, "the internal --worker flag is listed");
   for (
     const flag of [
       "--host",

@@ -1,7 +1,7 @@
 // The package as a user meets it: the README's import example, run against this
 // checkout through the package's own exports (testing/reuse/deno.json links it).
-import { assert, assertEquals } from "@std/assert";
-import { deadline } from "./testing/helpers.ts";
+import { assert, assertEquals, assertMatch } from "@std/assert";
+import { deadline, runScript, ServerProcess } from "./testing/helpers.ts";
 
 const root = new URL("./", import.meta.url);
 
@@ -74,4 +74,46 @@ Deno.test("what JSR would publish: every import of a published module, every lin
   }
   const relative = missing.map((line) => line.replaceAll(root.href, ""));
   assertEquals(relative, [], relative.join("\n"));
+});
+
+Deno.test("deno.json's tasks take their grants from its permission sets; only start:workers adds one", async () => {
+  const { tasks } = JSON.parse(await Deno.readTextFile(new URL("deno.json", root)));
+  const runs = Object.entries(tasks as Record<string, { command: string }>)
+    .filter(([, task]) => task.command.startsWith("deno run "));
+  assert(runs.length >= 8, "the tasks that run a script");
+  for (const [name, { command }] of runs) {
+    assertMatch(command, /^deno run -P(=[a-z]+)? /, name);
+    const flags = command.match(/--allow-[a-z]+\S*/g) ?? [];
+    // --workers starts this Deno again: the run grant names its path, which no set can.
+    const expected = name === "start:workers" ? [`--allow-run="$(deno`] : [];
+    assertEquals(flags, expected, name);
+  }
+});
+
+Deno.test("deno task start grants what its set says: 127.0.0.1, and no more", async () => {
+  await using server = await ServerProcess.start(["--port", "0"], { task: "start" });
+  assertMatch(server.stdout, /^listening on 127\.0\.0\.1:\d+$/m);
+  assertEquals((await server.stop("SIGTERM")).code, 0);
+  const refused = [
+    [["--host", "::1"], "no permission to listen on [::1]:0: run with --allow-net=[::1]"],
+    [["--workers", "2"], "--workers starts its workers with this Deno: add --allow-run="],
+    [["--selector", "epoll"], "--selector epoll calls the C library: add --allow-ffi"],
+  ];
+  for (const [args, message] of refused) {
+    const { code, stderr } = await runScript("main.ts", [...args, "--port", "0"], {
+      task: "start",
+    });
+    assertEquals(code, 1, stderr);
+    assert(stderr.includes(`main.ts: ${message}`), stderr);
+  }
+});
+
+Deno.test("a bare deno test is told to add -P, which grants the suite's set", async () => {
+  const { code, stderr } = await new Deno.Command("deno", {
+    args: ["test", "--no-run", "package_test.ts"],
+    cwd: root.pathname,
+    env: { NO_COLOR: "1" },
+  }).output();
+  assertEquals(code, 1);
+  assertMatch(new TextDecoder().decode(stderr), /Did you mean to run with `-P`/);
 });

@@ -14,19 +14,23 @@ import {
   waitUntil,
 } from "./testing/helpers.ts";
 
+/** The latency figures both reports give, in milliseconds, by the same names. */
+const LATENCY_FIGURES = ["min", "p50", "p99", "p999", "max"];
+
 Deno.test("client.ts --json prints one JSON document: each connection, and a summary", async () => {
   await using server = serveForTest();
   const args = ["--port", `${server.port}`, "--count", "5", "--json"];
   const { code, stdout, stderr } = await runScript("client.ts", args);
   assertEquals([code, stderr], [0, ""]);
   const report = JSON.parse(stdout); // nothing else on stdout
+  assertEquals(report.schema, "echo-client/1");
   assertEquals(report.server, { host: "127.0.0.1", port: server.port, protocol: "tcp" });
   const { summary, results } = report;
   assertEquals([summary.count, summary.ok, summary.failed, summary.bytes], [5, 5, 0, 25]);
-  for (const name of ["total", "min", "p50", "p99", "max"]) {
-    assert(typeof summary.ms[name] === "number", `summary.ms.${name}`);
-  }
-  assert(summary.ms.min <= summary.ms.p50 && summary.ms.p50 <= summary.ms.max);
+  assert(summary.elapsedMs > 0, stdout);
+  assertEquals(Object.keys(summary.ms), LATENCY_FIGURES, "named as the load names them");
+  const { min, p50, p99, p999, max } = summary.ms;
+  assert(min <= p50 && p50 <= p99 && p99 <= p999 && p999 <= max, stdout);
   assertEquals(results.length, 5);
   assertEquals(results.map((result: { ok: boolean }) => result.ok), Array(5).fill(true));
   // No server: the JSON still comes, with the reason, and the one line on stderr.
@@ -44,13 +48,15 @@ Deno.test("the load's --json prints its figures as one JSON document", async () 
   const { code, stdout, stderr } = await runScript("bench/load.ts", args);
   assertEquals([code, stderr], [0, ""]);
   const figures = JSON.parse(stdout);
+  assertEquals(figures.schema, "echo-load/1");
   assertEquals(figures.server, { host: "127.0.0.1", port: server.port, protocol: "tcp" });
   assertEquals(figures.load, { connections: 4, size: 5, seconds: 0.5 });
   const { summary } = figures;
   assertEquals(summary.failed, 0);
   assert(summary.roundTrips > 0 && summary.perSecond > 0 && summary.jain > 0.9, stdout);
-  assert(0 < summary.ms.p50 && summary.ms.p50 <= summary.ms.p99, stdout);
-  assert(summary.ms.p99 <= summary.ms.p999, stdout);
+  assertEquals(Object.keys(summary.ms), LATENCY_FIGURES, "named as the client names them");
+  const { min, p50, p99, p999, max } = summary.ms;
+  assert(0 < min && min <= p50 && p50 <= p99 && p99 <= p999 && p999 <= max, stdout);
   // No server: the JSON still comes, with the reason, and the one line on stderr.
   const refused = await runScript("bench/load.ts", ["--port", "1", "--duration", "0.5", "--json"]);
   assertEquals(refused.code, 1);
@@ -125,7 +131,7 @@ testEachStyle(
   },
 );
 
-Deno.test("--log-format json writes one JSON object per log line, with a timestamp", async () => {
+Deno.test("--log-format json writes one JSON object per log line: timestamp, schema, and the line's fields", async () => {
   await using server = await ServerProcess.start(["--port", "0", "--log-format", "json"]);
   const client = await runScript("client.ts", ["--port", `${server.port}`, "--count", "2"]);
   assertEquals(client.code, 0);
@@ -135,10 +141,29 @@ Deno.test("--log-format json writes one JSON object per log line, with a timesta
   const lines = stdout.trimEnd().split("\n").map((line) => JSON.parse(line));
   assertEquals(lines.length, 2 + 2 + 2 + 1); // listening, 2 connected, 2 closed, shutting down, summary
   for (const line of lines) {
-    assertEquals(Object.keys(line), ["time", "level", "message"]);
+    assertEquals(Object.keys(line).slice(0, 5), ["time", "level", "message", "schema", "event"]);
     assert(!Number.isNaN(Date.parse(line.time)), line.time);
-    assertEquals(line.level, "info");
+    assertEquals([line.level, line.schema], ["info", "echo-log/1"]);
   }
+  const events = lines.map((line) => line.event);
+  assertEquals(events.toSorted(), [
+    "closed",
+    "closed",
+    "connected",
+    "connected",
+    "listening",
+    "stopping",
+    "summary",
+  ]);
+  assertEquals(lines[0].port, server.port);
+  const closed = lines.filter((line) => line.event === "closed");
+  for (const line of closed) {
+    assertMatch(line.peer, /^127\.0\.0\.1:\d+$/);
+    assertEquals(line.bytes, 5);
+    assert(Number.isInteger(line.durationMs) && line.durationMs >= 0, JSON.stringify(line));
+  }
+  assertEquals(lines.at(-1).stats.accepted, 2);
+  assertEquals(lines.at(-1).stats.bytes, 10);
   assertMatch(lines[0].message, /^listening on 127\.0\.0\.1:\d+$/);
   const bad = await runScript("main.ts", ["--log-format", "xml"]);
   assertEquals(bad.code, 2);
@@ -170,9 +195,19 @@ Deno.test("with OTEL_DENO=true the server exports its counters to a collector; w
     const exported = () => new TextDecoder().decode(concat(received));
     await waitUntil(
       () =>
-        ["echo.connections.accepted", "echo.connections.open", "echo.bytes"].every((name) =>
-          exported().includes(name)
-        ),
+        [
+          // The semantic conventions' shape: names, units, attributes.
+          "echo.server.accepted_connections",
+          "echo.server.active_connections",
+          "echo.server.connection.duration",
+          "echo.server.io",
+          "{connection}",
+          "By",
+          "network.transport",
+          "network.type",
+          "server.address",
+          "server.port",
+        ].every((name) => exported().includes(name)),
       "the counters at the collector",
     );
     assertEquals((await server.stop("SIGTERM")).code, 0);

@@ -202,26 +202,63 @@ export function epollSockets(options: Parameters<SocketsFactory>[0]): Sockets {
 }
 
 /**
- * Counters for OpenTelemetry, when Deno exports to a collector (`OTEL_DENO=true`;
+ * Metrics for OpenTelemetry, when Deno exports to a collector (`OTEL_DENO=true`;
  * Deno then exports the log lines too); undefined otherwise, and then nothing
- * is counted.
+ * is counted. Named and measured as the semantic conventions name Kestrel's
+ * (`kestrel.active_connections`, `kestrel.connection.duration`), with their
+ * attributes: `network.transport`, `network.type`, `server.address`, `server.port`.
+ *
+ * @param addr Where the server listens.
  */
-function openTelemetry() {
+function openTelemetry(addr: Deno.NetAddr | Deno.UnixAddr) {
   let meter;
   try {
     meter = Deno.telemetry.meterProvider.getMeter("echo");
   } catch {
     return undefined; // "otel not initialized": OTEL_DENO is not set
   }
+  const server = "path" in addr ? { "network.transport": "unix", "server.address": addr.path } : {
+    "network.transport": "tcp",
+    "network.type": addr.hostname.includes(":") ? "ipv6" : "ipv4",
+    "server.address": addr.hostname,
+    "server.port": addr.port,
+  };
+  const udp = { ...server, "network.transport": "udp" };
+  const sent = { "network.io.direction": "transmit" };
+  const connection = "{connection}";
+  const accepted = meter.createCounter("echo.server.accepted_connections", {
+    description: "Connections accepted",
+    unit: connection,
+  });
+  const active = meter.createUpDownCounter("echo.server.active_connections", {
+    description: "Connections open now",
+    unit: connection,
+  });
+  const duration = meter.createHistogram("echo.server.connection.duration", {
+    description: "How long connections stayed open",
+    unit: "s",
+  });
+  const io = meter.createCounter("echo.server.io", { description: "Bytes echoed", unit: "By" });
+  const datagrams = meter.createCounter("echo.server.datagrams", {
+    description: "UDP datagrams echoed",
+    unit: "{datagram}",
+  });
   return {
-    accepted: meter.createCounter("echo.connections.accepted", {
-      description: "Connections accepted",
-    }),
-    open: meter.createUpDownCounter("echo.connections.open", {
-      description: "Connections open",
-    }),
-    bytes: meter.createCounter("echo.bytes", { description: "Bytes echoed over streams" }),
-    datagrams: meter.createCounter("echo.datagrams", { description: "UDP datagrams echoed" }),
+    connected() {
+      accepted.add(1, server);
+      active.add(1, server);
+    },
+    echoed(bytes: number) {
+      io.add(bytes, { ...server, ...sent });
+    },
+    closed(durationMs: number) {
+      active.add(-1, server);
+      duration.record(durationMs / 1000, server);
+    },
+    datagram(bytes: number) {
+      datagrams.add(1, udp);
+      io.add(bytes, { ...udp, ...sent });
+    },
   };
 }
 
@@ -250,7 +287,7 @@ class Service implements EchoServer {
   readonly #datagrams: DatagramResource | undefined;
   #udpOpen: boolean;
   readonly #guard: ReplyGuard;
-  readonly #metrics = openTelemetry();
+  readonly #metrics: ReturnType<typeof openTelemetry>;
   /** The Unix socket file's inode, to remove the file at shutdown only if it is still ours. */
   readonly #socketFile: number | null = null;
   /** Settles when the engine's run() ends. */
@@ -285,6 +322,7 @@ class Service implements EchoServer {
       throw error;
     }
     this.#udpOpen = this.#datagrams !== undefined;
+    this.#metrics = openTelemetry(this.listener.addr as Deno.NetAddr | Deno.UnixAddr); // TCP or Unix
     if (unixPath) this.#socketFile = Deno.lstatSync(unixPath).ino;
     this.#guard = new ReplyGuard({ rate: udpRate });
     this.stats = this.#makeStats();
@@ -349,15 +387,18 @@ class Service implements EchoServer {
     }
     // Deno leaves Nagle on: small echoes would wait ~40 ms. (Unix sockets have no Nagle.)
     if (conn.remoteAddr.transport === "tcp") conn.setNoDelay?.(true);
-    const { idleTimeout } = this.#options;
+    const now = performance.now();
     const info = {
       id: ++this.stats.accepted,
       bytes: 0,
-      lastRead: idleTimeout && performance.now(),
+      lastRead: this.#options.idleTimeout && now,
+      opened: now,
     };
-    if (this.#logs) this.log.info(`${peerOf({ resource: conn, queued: 0, data: info })} connected`);
-    this.#metrics?.accepted.add(1);
-    this.#metrics?.open.add(1);
+    if (this.#logs) {
+      const peer = peerOf({ resource: conn, queued: 0, data: info });
+      this.log.info(`${peer} connected`, { event: "connected", peer });
+    }
+    this.#metrics?.connected();
     return info;
   }
 
@@ -368,7 +409,12 @@ class Service implements EchoServer {
     const { maxConns } = this.#options;
     if (conns.size >= maxConns) {
       this.#engine.accepting(false); // the kernel's backlog holds newcomers
-      if (this.#logs) this.log.info(`${maxConns} connections open: new ones wait until one closes`);
+      if (this.#logs) {
+        this.log.info(`${maxConns} connections open: new ones wait until one closes`, {
+          event: "full",
+          open: conns.size,
+        });
+      }
     }
   }
 
@@ -384,24 +430,35 @@ class Service implements EchoServer {
   }
 
   received(conn: ServedConn, data: Uint8Array): void {
-    if (this.#verbose) this.log.info(`${peerOf(conn)} echoing ${data.length} bytes`);
+    if (this.#verbose) {
+      const peer = peerOf(conn);
+      this.log.info(`${peer} echoing ${data.length} bytes`, {
+        event: "echo",
+        peer,
+        bytes: data.length,
+      });
+    }
     conn.data.bytes += data.length;
     this.stats.bytes += data.length;
-    this.#metrics?.bytes.add(data.length);
+    this.#metrics?.echoed(data.length);
     if (this.#idleTimeout) conn.data.lastRead = this.selector.now;
   }
 
   close(conn: ServedConn, error?: unknown): void {
     if (!this.#conns.delete(conn)) return; // closed already
     this.#engine.closeNow(conn);
-    this.#metrics?.open.add(-1);
+    const durationMs = performance.now() - conn.data.opened;
+    this.#metrics?.closed(durationMs);
     if (error) this.stats.failed++;
     if (this.#logs) {
       const { bytes } = conn.data;
+      const peer = peerOf(conn);
+      const why = error ? describeError(error) : undefined;
       this.log.info(
-        error
-          ? `${peerOf(conn)} closed after ${bytes} bytes: ${describeError(error)}`
-          : `${peerOf(conn)} closed, ${bytes} bytes echoed`,
+        why
+          ? `${peer} closed after ${bytes} bytes: ${why}`
+          : `${peer} closed, ${bytes} bytes echoed`,
+        { event: "closed", peer, bytes, durationMs: Math.round(durationMs), error: why },
       );
     }
     if (this.shuttingDown) this.#stopWhenDone();
@@ -414,11 +471,17 @@ class Service implements EchoServer {
       this.stats.dropped++;
       return false;
     }
-    if (this.#options.logLevel === "verbose") {
-      this.log.info(`udp ${formatAddr(from)} echoing ${datagram.length} bytes`);
+    if (this.#verbose) {
+      const peer = formatAddr(from);
+      this.log.info(`udp ${peer} echoing ${datagram.length} bytes`, {
+        event: "echo",
+        transport: "udp",
+        peer,
+        bytes: datagram.length,
+      });
     }
     this.stats.datagrams++;
-    this.#metrics?.datagrams.add(1);
+    this.#metrics?.datagram(datagram.length);
     return true;
   }
 
@@ -491,6 +554,7 @@ class Service implements EchoServer {
     if (this.#logs) {
       this.log.info(
         `udp: ${dropped} datagrams not answered (over ${this.#options.udpRate} replies/s from one address, or from a responder's port)`,
+        { event: "dropped", transport: "udp", datagrams: dropped },
       );
     }
   }

@@ -22,6 +22,7 @@
  * @module
  */
 
+import { onStopSignals } from "./cli.ts";
 import { type LogFormat, logTo, plural } from "./log.ts";
 
 /** What {@linkcode runWorkers} needs to start and watch its workers. */
@@ -30,7 +31,7 @@ export interface WorkerPoolOptions {
   count: number;
   /** The port asked for; 0: the first worker picks one and the others share it. */
   port: number;
-  /** The `deno` arguments that start worker `id` on `port`. */
+  /** The arguments to this Deno (`Deno.execPath()`) that start worker `id` on `port`. */
   command(id: number, port: number): string[];
   /** How the parent prints its lines and its workers': text, or JSON lines. */
   logFormat: LogFormat;
@@ -76,7 +77,8 @@ class WorkerProcess {
 
   constructor(readonly id: number, args: string[], print: (line: Line) => void) {
     const io = { stdin: "piped", stdout: "piped", stderr: "piped" } as const;
-    this.child = new Deno.Command("deno", { args, ...io }).spawn();
+    // This Deno, not whichever `deno` comes first on PATH: the workers run what the parent runs.
+    this.child = new Deno.Command(Deno.execPath(), { args, ...io }).spawn();
     const output = Promise.all([
       eachLine(this.child.stdout, (text) => this.#read(parseLine(text, "info", id), print)),
       eachLine(this.child.stderr, (text) => this.#read(parseLine(text, "error", id), print)),
@@ -136,9 +138,10 @@ async function eachLine(stream: ReadableStream<Uint8Array>, onLine: (line: strin
  * Runs the pool until SIGINT or SIGTERM, then shuts every worker down.
  *
  * @param options How many workers, how to start one, and where to log.
- * @returns The exit code: 0 if every worker served to the end and shut down; 1
- * if one died (it was restarted) or the pool could not start; 2 if a worker
- * refused its flags.
+ * @returns The exit code: 0 if every worker served to the end and shut down (one
+ * stopped by a SIGTERM from outside was restarted and counts as served); 1 if
+ * one crashed (it was restarted), did not shut down cleanly, or the pool could
+ * not start; 2 if a worker refused its flags.
  */
 export async function runWorkers(options: WorkerPoolOptions): Promise<number> {
   const { count, command, logFormat, quiet } = options;
@@ -146,14 +149,16 @@ export async function runWorkers(options: WorkerPoolOptions): Promise<number> {
   const restarts = new Map<number, ReturnType<typeof setTimeout>>();
   const totals: WorkerStats = { accepted: 0, bytes: 0, failed: 0 };
   const started = performance.now();
-  let died = 0; // workers that exited while the pool was serving
+  let crashed = 0; // workers that died while the pool was serving
+  let stoppedFromOutside = 0; // workers stopped by a SIGTERM from outside the pool
   let unclean = 0; // workers that did not shut down cleanly, with a summary
   let stopping = false;
   let serving = false;
 
   /** The parent's own lines, in the log format. */
   const log = logTo(logFormat);
-  const say = (message: string) => quiet || log.info(message);
+  const say = (message: string, fields?: Record<string, unknown>) =>
+    quiet || log.info(message, fields);
 
   /** Prints a worker's line as the parent's, tagged with the worker. */
   const print = (worker: Line) => {
@@ -177,7 +182,11 @@ export async function runWorkers(options: WorkerPoolOptions): Promise<number> {
     ]);
   };
 
-  /** When a worker exits while the pool serves, starts it again after a pause. */
+  /**
+   * When a worker exits while the pool serves, starts it again after a pause. A
+   * worker shuts down cleanly only when told to: while the pool serves, that is
+   * a SIGTERM from outside it (it leaves SIGINT to the parent), not a crash.
+   */
   const watch = (worker: WorkerProcess, port: number, backoff = FIRST_BACKOFF_MS) => {
     worker.exited.then((status) => {
       if (worker.stats) add(totals, worker.stats);
@@ -185,18 +194,37 @@ export async function runWorkers(options: WorkerPoolOptions): Promise<number> {
         if (status.code !== 0 || !worker.stats) unclean++;
         return;
       }
-      died++;
-      const wait = performance.now() - worker.started >= STABLE_MS ? FIRST_BACKOFF_MS : backoff;
-      const how = status.signal ? `killed by ${status.signal}` : `exit code ${status.code}`;
+      const stoppedOutside = status.code === 0 && worker.stats !== undefined;
+      const wait = stoppedOutside || performance.now() - worker.started >= STABLE_MS
+        ? FIRST_BACKOFF_MS
+        : backoff;
       const again = `restarting in ${(wait / 1000).toFixed(1)} s`;
-      log.error(`worker ${worker.id} (pid ${worker.pid}) died: ${how}; ${again}`);
+      const who = `worker ${worker.id} (pid ${worker.pid})`;
+      const fields = { worker: worker.id, pid: worker.pid };
+      if (stoppedOutside) {
+        stoppedFromOutside++;
+        say(`${who} was stopped by SIGTERM from outside the pool; ${again}`, {
+          event: "worker-stopped",
+          ...fields,
+        });
+      } else {
+        crashed++;
+        const how = status.signal ? `killed by ${status.signal}` : `exit code ${status.code}`;
+        log.error(`${who} died: ${how}; ${again}`, {
+          event: "worker-died",
+          ...fields,
+          code: status.code,
+          signal: status.signal,
+        });
+      }
+      const next = stoppedOutside ? backoff : Math.min(MAX_BACKOFF_MS, wait * 2);
       restarts.set(
         worker.id,
         setTimeout(async () => {
           restarts.delete(worker.id);
-          const next = await start(worker.id, port);
-          if (next && !stopping) say(`worker ${worker.id} serves again, pid ${next.pid}`);
-          watch(workers.get(worker.id)!, port, Math.min(MAX_BACKOFF_MS, wait * 2));
+          const started = await start(worker.id, port);
+          if (started && !stopping) say(`worker ${worker.id} serves again, pid ${started.pid}`);
+          watch(workers.get(worker.id)!, port, next);
         }, wait),
       );
     });
@@ -205,13 +233,8 @@ export async function runWorkers(options: WorkerPoolOptions): Promise<number> {
   // The first SIGINT or SIGTERM shuts every worker down; a second one kills them and exits.
   // Installed before any worker starts: a signal during the start stops those started.
   const allStopped = Promise.withResolvers<void>();
-  const signals = [["SIGINT", 130], ["SIGTERM", 143]] as const;
-  const handlers = signals.map(([signal, status]) => {
-    const handler = () => {
-      if (stopping) {
-        for (const worker of workers.values()) worker.kill();
-        Deno.exit(status);
-      }
+  const removeSignalListeners = onStopSignals({
+    stop: (signal) => {
       stopping = true;
       for (const timer of restarts.values()) clearTimeout(timer);
       say(`shutting down ${plural(workers.size, "worker")} (${signal} again to force)`);
@@ -219,9 +242,11 @@ export async function runWorkers(options: WorkerPoolOptions): Promise<number> {
       Promise.all([...workers.values()].map((worker) => worker.exited)).then(() =>
         allStopped.resolve()
       );
-    };
-    Deno.addSignalListener(signal, handler);
-    return () => Deno.removeSignalListener(signal, handler);
+    },
+    force: (status) => {
+      for (const worker of workers.values()) worker.kill();
+      Deno.exit(status);
+    },
   });
 
   // The first worker picks the port if asked for 0; the others share it.
@@ -235,7 +260,7 @@ export async function runWorkers(options: WorkerPoolOptions): Promise<number> {
     for (const worker of workers.values()) worker.stop();
     const worker = workers.get(failed + 1)!;
     const [{ code }] = await Promise.all([worker.exited, ...pool.map((w) => w?.exited)]);
-    for (const remove of handlers) remove();
+    removeSignalListeners();
     console.error(worker.lastError || `main.ts: worker ${worker.id} could not start`);
     return code === 2 ? 2 : 1;
   }
@@ -244,21 +269,31 @@ export async function runWorkers(options: WorkerPoolOptions): Promise<number> {
     const { address, exposed } = await first!.listening.promise;
     const pids = pool.map((worker) => worker!.pid).join(", ");
     const reachable = exposed ? " (reachable from the network)" : "";
-    say(`listening on ${address} with ${count} workers (pids ${pids})${reachable}`);
+    say(`listening on ${address} with ${count} workers (pids ${pids})${reachable}`, {
+      event: "listening",
+      address,
+      port,
+      exposed,
+      pids: pool.map((worker) => worker!.pid),
+    });
   }
   for (const worker of workers.values()) watch(worker, port);
 
   await allStopped.promise;
-  for (const remove of handlers) remove();
+  removeSignalListeners();
   const seconds = ((performance.now() - started) / 1000).toFixed(1);
-  const restarted = died ? `; ${plural(died, "worker")} restarted` : "";
+  const restarted = (crashed ? `; ${plural(crashed, "worker")} crashed and restarted` : "") +
+    (stoppedFromOutside
+      ? `; ${plural(stoppedFromOutside, "worker")} stopped from outside and restarted`
+      : "");
   const { accepted, bytes, failed: errors } = totals;
   say(
     `served ${plural(accepted, "connection")} with ${count} workers in ${seconds} s: ` +
       `${plural(bytes, "byte")} echoed; ${plural(errors, "connection")} ended in an error` +
       restarted,
+    { event: "summary", stats: { accepted, bytes, failed: errors, crashed, stoppedFromOutside } },
   );
-  return died || unclean ? 1 : 0;
+  return crashed || unclean ? 1 : 0;
 }
 
 function add(total: WorkerStats, stats: WorkerStats): void {

@@ -1,6 +1,7 @@
 // --workers N: N processes share one port (SO_REUSEPORT); the parent drains,
 // restarts and reports them, and none outlives it.
 import { assert, assertEquals, assertMatch } from "@std/assert";
+import { SAME_SIGNAL_MS } from "./cli.ts";
 import {
   concat,
   connect,
@@ -14,8 +15,11 @@ import {
   writeAll,
 } from "./testing/helpers.ts";
 
-/** What the parent needs: the network, deno to start its workers, and SO_REUSEPORT's flag. */
-const PARENT = { permissions: ["--allow-net=127.0.0.1", "--allow-run=deno", "--unstable-net"] };
+/**
+ * What the parent needs: the network, and this Deno, to start its workers with
+ * (SO_REUSEPORT's --unstable-net comes from deno.json).
+ */
+const PARENT = { permissions: ["--allow-net=127.0.0.1", `--allow-run=${Deno.execPath()}`] };
 
 /** Starts `main.ts --workers 2`; returns it and its workers' pids, from its listening line. */
 async function startPool(args: string[] = []) {
@@ -49,7 +53,8 @@ async function alive(pid: number): Promise<boolean> {
   return code === 0;
 }
 
-async function signal(pid: number, name: "KILL" | "INT"): Promise<void> {
+/** Sends a signal to a process, or with a negative `pid` to its whole process group. */
+async function signal(pid: number, name: "KILL" | "INT" | "TERM"): Promise<void> {
   await new Deno.Command("sh", { args: ["-c", `kill -${name} ${pid}`] }).output();
 }
 
@@ -125,7 +130,61 @@ Deno.test("a killed worker is restarted and serves; the exit code says one died"
   assertEquals([client.code, client.stderr], [0, ""]);
   const { code, stdout } = await server.stop("SIGTERM");
   assertEquals(code, 1);
-  assertMatch(stdout, /ended in an error; 2 workers restarted$/m);
+  assertMatch(stdout, /ended in an error; 2 workers crashed and restarted$/m);
+});
+
+Deno.test("a worker stopped by SIGTERM from outside is logged as that and restarted; the pool still exits 0", async () => {
+  const { server, pids } = await startPool();
+  await using _ = server;
+  await signal(pids[1], "TERM");
+  await server.waitFor(/^worker 2 serves again, pid \d+$/m);
+  assertMatch(
+    server.stdout,
+    new RegExp(
+      `^worker 2 \\(pid ${
+        pids[1]
+      }\\) was stopped by SIGTERM from outside the pool; restarting in 0\\.1 s$`,
+      "m",
+    ),
+  );
+  const client = await runScript("client.ts", ["--port", `${server.port}`, "--count", "20"]);
+  assertEquals([client.code, client.stderr], [0, ""]);
+  const { code, stdout, stderr } = await server.stop("SIGTERM");
+  assertEquals([code, stderr], [0, ""]);
+  assertMatch(stdout, /error; 1 worker stopped from outside and restarted$/m);
+});
+
+Deno.test("the workers run the Deno that runs the pool, not the deno first on PATH", async () => {
+  // testing/path_deno/deno refuses to start a worker, and runs anything else as Deno.
+  const pathDeno = new URL("./testing/path_deno", import.meta.url).pathname;
+  await using server = await ServerProcess.start(["--port", "0", "--workers", "2"], {
+    ...PARENT,
+    shell: `PATH=${pathDeno}:$PATH`,
+    env: { REAL_DENO: Deno.execPath() },
+  });
+  const { code, stderr } = await server.stop("SIGTERM");
+  assertEquals([code, stderr], [0, ""]);
+});
+
+Deno.test("Ctrl-C to the process group of deno task start:workers: one clean shutdown, summary and exit 0", async () => {
+  // A terminal's Ctrl-C signals every process of its foreground group; deno task
+  // forwards the signal to its child too, so the pool's parent gets SIGINT twice.
+  for (let run = 1; run <= 2; run++) {
+    await using task = await ServerProcess.start(["--workers", "2", "--port", "0"], {
+      task: "start:workers",
+      newSession: true,
+    });
+    try {
+      const [, first, second] = await task.waitFor(/with 2 workers \(pids (\d+), (\d+)\)/);
+      await signal(-task.pid, "INT");
+      const { code, stdout } = await task.stop();
+      assertEquals(code, 0, `run ${run}: ${stdout}\n${task.stderr}`);
+      assertMatch(stdout, /^served 0 connections with 2 workers in /m, `run ${run}`);
+      await untilGone([Number(first), Number(second)], "the workers after Ctrl-C");
+    } finally {
+      await signal(-task.pid, "KILL"); // whatever is left of the group, if the test failed
+    }
+  }
 });
 
 Deno.test("no orphans: a parent killed with SIGKILL takes its workers with it; a second signal too", async () => {
@@ -141,6 +200,7 @@ Deno.test("no orphans: a parent killed with SIGKILL takes its workers with it; a
   await readAll(conn, 10);
   server.stop("SIGTERM"); // the first: drain
   await server.waitFor(/^shutting down 2 workers/m);
+  await new Promise((resolve) => setTimeout(resolve, SAME_SIGNAL_MS)); // then a second request
   const { code } = await server.stop("SIGTERM");
   assertEquals(code, 143);
   // At once: not after the 5 s grace period the drain would give the connection.
@@ -157,15 +217,15 @@ Deno.test("a pool that cannot start says why in one line: a port in use, no --al
     busy.stderr,
     `main.ts: port ${port} on 127.0.0.1 is already in use: stop the other server or choose another port with --port\n`,
   );
-  const denied = await runScript("main.ts", ["--workers", "2"], {
-    permissions: ["--allow-net=127.0.0.1", "--unstable-net"],
-  });
+  const denied = await runScript("main.ts", ["--workers", "2"]);
   assertEquals([denied.code, denied.stdout], [1, ""]);
   assertEquals(
     denied.stderr,
-    "main.ts: --workers starts its workers with deno: add --allow-run=deno (deno task start has it)\n",
+    `main.ts: --workers starts its workers with this Deno: add --allow-run=${Deno.execPath()} (deno task start:workers does)\n`,
   );
-  const noUnstable = await runScript("main.ts", ["--worker", "1", "--port", "0"]);
+  const noUnstable = await runScript("main.ts", ["--worker", "1", "--port", "0"], {
+    noConfig: true,
+  });
   assertEquals(
     [noUnstable.code, noUnstable.stderr],
     [2, "main.ts: --worker shares its port (SO_REUSEPORT): add --unstable-net\n"],

@@ -10,7 +10,14 @@
  * @module
  */
 
-import { type Flags, parseCommandLine, refusedMessage, withDefaults } from "../cli.ts";
+import {
+  type Flags,
+  type LatencyFigures,
+  latencyFigures,
+  parseCommandLine,
+  refusedMessage,
+  withDefaults,
+} from "../cli.ts";
 
 /** Options for {@linkcode runLoad}. */
 export interface LoadOptions {
@@ -38,12 +45,8 @@ export interface LoadResult {
   roundTrips: number;
   /** Round trips per second. */
   perSecond: number;
-  /** Round-trip latency in milliseconds: the median. */
-  p50: number;
-  /** Round-trip latency in milliseconds: the 99th percentile. */
-  p99: number;
-  /** Round-trip latency in milliseconds: the 99.9th percentile. */
-  p999: number;
+  /** Round-trip latency in milliseconds: min, p50, p99, p999, max. */
+  ms: LatencyFigures;
   /** Jain's fairness index over the connections' round trips: 1 = all served equally. */
   jain: number;
   /** The least-served connection's round trips relative to the mean: 0 = one starved. */
@@ -136,15 +139,10 @@ export async function runLoad(options: LoadOptions = {}): Promise<LoadResult> {
   clearInterval(watchdog);
   clearInterval(ticker);
   const seconds = (performance.now() - start) / 1000;
-  latencies.sort((a, b) => a - b);
-  const at = (q: number) =>
-    latencies[Math.min(latencies.length - 1, Math.floor(q * latencies.length))] ?? NaN;
   return {
     roundTrips: latencies.length,
     perSecond: latencies.length / seconds,
-    p50: at(0.5),
-    p99: at(0.99),
-    p999: at(0.999),
+    ms: latencyFigures(latencies),
     jain: jainIndex(perConnection),
     worst: Math.min(...perConnection) / (latencies.length / count || 1),
     failed: errors.length,
@@ -243,8 +241,8 @@ export async function main(args: string[]): Promise<number> {
     }/s`,
   );
   console.log(
-    `latency ms: p50 ${ms(result.p50)}, p99 ${ms(result.p99)}, p99.9 ${
-      ms(result.p999)
+    `latency ms: p50 ${ms(result.ms.p50)}, p99 ${ms(result.ms.p99)}, p99.9 ${
+      ms(result.ms.p999)
     }; fairness (Jain) ${result.jain.toFixed(3)}`,
   );
   if (result.failed) {
@@ -253,19 +251,23 @@ export async function main(args: string[]): Promise<number> {
   return result.failed ? 1 : 0;
 }
 
+/** The version of `--json`'s shape, in the document: bumped when a field changes or goes away. */
+export const LOAD_REPORT_SCHEMA = "echo-load/1";
+
 /** The figures for `--json`: where, what load, and what it measured (`jq .summary`). */
 function report(options: Required<Omit<LoadOptions, "onProgress">>, result: LoadResult) {
   const { hostname, port, unixPath, count, size, duration } = options;
-  const { roundTrips, perSecond, p50, p99, p999, jain, worst, failed, firstError } = result;
+  const { roundTrips, perSecond, ms, jain, worst, failed, firstError } = result;
   const round = (x: number, digits: number) => Number(x.toFixed(digits));
   return {
+    schema: LOAD_REPORT_SCHEMA,
     server: unixPath ? { unix: unixPath } : { host: hostname, port, protocol: "tcp" },
     load: { connections: count, size, seconds: duration },
     summary: {
       roundTrips,
       perSecond: Math.round(perSecond),
       failed,
-      ms: { p50: round(p50, 3), p99: round(p99, 3), p999: round(p999, 3) },
+      ms: Object.fromEntries(Object.entries(ms).map(([name, value]) => [name, round(value, 3)])),
       jain: round(jain, 4),
       worst: round(worst, 4),
       ...(firstError ? { error: firstError } : {}),

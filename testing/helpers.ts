@@ -80,9 +80,10 @@ export function testEachTransport(
 }
 
 /**
- * Where the tests' Unix sockets live: testing/.sockets/, made on first use.
- * Deno grants net access to a Unix socket by its exact path, so the test
- * runner grants these names and no others.
+ * The tests' Unix sockets. Deno grants net access to a Unix socket by its
+ * exact, absolute path, and deno.json cannot name a path relative to itself,
+ * so they live at fixed paths in /tmp, which deno.json's `test.permissions`
+ * grant, and no others.
  */
 export const SOCKET_NAMES = ["server.sock", "other.sock"] as const;
 
@@ -93,9 +94,7 @@ export const SOCKET_NAMES = ["server.sock", "other.sock"] as const;
  * @returns Its absolute path.
  */
 export function socketPath(name: typeof SOCKET_NAMES[number] = "server.sock"): string {
-  const dir = new URL("./.sockets/", import.meta.url).pathname;
-  Deno.mkdirSync(dir, { recursive: true });
-  const path = dir + name;
+  const path = `/tmp/echo-lesson-test-${name}`;
   try {
     Deno.removeSync(path, { recursive: true });
   } catch (error) {
@@ -445,20 +444,37 @@ export interface RunOptions {
   selector?: SelectorName;
   /** Environment variables to add. */
   env?: Record<string, string>;
+  /** Without deno.json (`--no-config`): no `"unstable": ["net"]`, as outside this repository. */
+  noConfig?: boolean;
+  /** Run this task of deno.json instead (`deno task <task> <args>`), with the task's permissions. */
+  task?: string;
+  /** In a new session and process group (`setsid`), which its pid names: signal it as a terminal does. */
+  newSession?: boolean;
+}
+
+function usesShell(options: RunOptions): boolean {
+  return options.shell !== undefined || options.newSession === true;
 }
 
 /** The command for one of the project's scripts, as its task runs it. */
 function denoRun(script: string, args: string[], options: RunOptions = {}): Deno.CommandOptions {
-  const { permissions = ["--allow-net=127.0.0.1"], shell, style, selector, env } = options;
+  const { permissions = ["--allow-net=127.0.0.1"], shell, style, selector, env, noConfig, task } =
+    options;
   const styled = [
     ...args,
     ...(style ? ["--style", style] : []),
     ...(selector ? ["--selector", selector] : []),
   ];
   const granted = selector === "epoll" ? [...permissions, "--allow-ffi"] : permissions;
-  const deno = ["run", ...granted, new URL(script, root).pathname, ...styled];
+  const config = noConfig ? ["--no-config"] : [];
+  const deno = task
+    ? ["task", task, ...styled]
+    : ["run", ...config, ...granted, new URL(script, root).pathname, ...styled];
+  const exec = options.newSession ? "exec setsid deno" : "exec deno";
   return {
-    ...(shell ? { args: ["-c", `${shell} && exec deno "$@"`, "sh", ...deno] } : { args: deno }),
+    ...(usesShell(options)
+      ? { args: ["-c", `${shell ?? "true"} && ${exec} "$@"`, "sh", ...deno] }
+      : { args: deno }),
     cwd: root.pathname,
     env: { NO_COLOR: "1", ...env },
     stdin: "null",
@@ -479,7 +495,7 @@ export async function runScript(
   options: RunOptions = {},
 ): Promise<Finished> {
   const { code, stdout, stderr } = await deadline(
-    new Deno.Command(options.shell ? "sh" : "deno", denoRun(script, args, options)).output(),
+    new Deno.Command(usesShell(options) ? "sh" : "deno", denoRun(script, args, options)).output(),
     `deno run ${script} ${args.join(" ")}`,
     30_000,
   );
@@ -501,7 +517,7 @@ export class ServerProcess implements AsyncDisposable {
   #exited = false;
 
   private constructor(args: string[], options: RunOptions) {
-    this.#child = new Deno.Command(options.shell ? "sh" : "deno", {
+    this.#child = new Deno.Command(usesShell(options) ? "sh" : "deno", {
       ...denoRun("main.ts", args, options),
       stdout: "piped",
       stderr: "piped",
@@ -541,6 +557,11 @@ export class ServerProcess implements AsyncDisposable {
       throw error;
     }
     return server;
+  }
+
+  /** Whether the process has exited. */
+  get exited(): boolean {
+    return this.#exited;
   }
 
   /** The process id, for signals. */
