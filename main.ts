@@ -194,8 +194,15 @@ function optionsFrom(flags: Flags<typeof FLAGS>): CommandLine {
     logLevel: flags.quiet ? "quiet" : flags.verbose ? "verbose" : undefined,
     style,
     fairness: fairness === undefined ? undefined : fairness === "on",
-    trace: flags.trace ? createTracer({ maxPerSecond: TRACE_LINES_PER_SECOND }) : undefined,
+    trace: flags.trace ? tracer(logFormat === "json" || flags.worker !== undefined) : undefined,
   };
+}
+
+/** --trace: lines of text, or, beside JSON log lines (a worker's too), JSON lines of their own. */
+function tracer(json: boolean) {
+  const log = json ? logTo("json") : undefined;
+  const write = log && ((line: string) => log.info(line, { event: "trace" }));
+  return createTracer({ maxPerSecond: TRACE_LINES_PER_SECOND, ...(write ? { write } : {}) });
 }
 
 /** Why the epoll selector cannot run in this process, or undefined if it can. */

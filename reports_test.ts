@@ -173,6 +173,19 @@ Deno.test("--log-format json writes one JSON object per log line: timestamp, sch
   );
 });
 
+Deno.test("--trace beside --log-format json: its lines are JSON lines too", async () => {
+  const args = ["--port", "0", "--log-format", "json", "--trace"];
+  await using server = await ServerProcess.start(args);
+  const client = await runScript("client.ts", ["--port", `${server.port}`, "--count", "1"]);
+  assertEquals(client.code, 0);
+  const { code, stdout } = await server.stop("SIGTERM");
+  assertEquals(code, 0);
+  const lines = stdout.trimEnd().split("\n").map((line) => JSON.parse(line)); // each one parses
+  const traced = lines.filter((line) => line.event === "trace");
+  assert(traced.some((line) => /^select\(\) → /.test(line.message)), stdout);
+  assert(traced.every((line) => line.schema === "echo-log/1"), stdout);
+});
+
 Deno.test("with OTEL_DENO=true the server exports its counters to a collector; without, it runs as before", async () => {
   // A collector on loopback that keeps what Deno sends it (OTLP over HTTP, protobuf).
   const received: Uint8Array[] = [];
