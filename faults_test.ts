@@ -177,7 +177,12 @@ testEachStyle(
 testEachStyle(
   "--max-conns: the next connection waits in the backlog and is served once one closes",
   async (variant) => {
-    await using server = serveForTest({ ...variant, maxConns: 5 });
+    const logged: [string, Record<string, unknown> | undefined][] = [];
+    const log = {
+      info: (line: string, fields?: Record<string, unknown>) => logged.push([line, fields]),
+      error() {},
+    };
+    await using server = serveForTest({ ...variant, maxConns: 5, logLevel: "info", log });
     const { port } = server;
     const first = await Promise.all(Array.from({ length: 5 }, () => connect(port)));
     for (const conn of first) await roundTrip(conn, pattern(10));
@@ -190,6 +195,10 @@ testEachStyle(
     assertEquals(server.stats.open, 5);
     for (const conn of first) await roundTrip(conn, pattern(10, 2)); // the others are unaffected
     assert(!served, "the sixth connection was served while five were open");
+    assertEquals(
+      logged.filter(([, fields]) => fields?.event === "full"),
+      [["5 connections open: new ones wait until one closes", { event: "full", open: 5 }]],
+    );
     first[0].close();
     const took = await timed(async () => assertEquals(await echo, pattern(10, 1)));
     assertLessOrEqual(took, 1000, `served ${took} ms after a place came free`);

@@ -111,12 +111,17 @@ testEachStyle("the server prints one summary line at shutdown", async (variant) 
 testEachStyle(
   "--verbose also logs every echo; --quiet logs nothing but errors",
   async (variant) => {
-    await using verbose = await ServerProcess.start(["--port", "0", "--verbose"], { ...variant });
+    const args = ["--port", "0", "--verbose", "--udp"];
+    await using verbose = await ServerProcess.start(args, { ...variant });
     const client = await runScript("client.ts", ["--port", `${verbose.port}`, "--count", "3"]);
     assertEquals(client.code, 0);
+    const datagram = ["--port", `${verbose.port}`, "--count", "1", "--udp"];
+    assertEquals((await runScript("client.ts", datagram)).code, 0);
     await waitUntil(
-      () => verbose.count(/^127\.0\.0\.1:\d+ echoing 5 bytes$/) === 3,
-      "3 echoes logged",
+      () =>
+        verbose.count(/^127\.0\.0\.1:\d+ echoing 5 bytes$/) === 3 &&
+        verbose.count(/^udp 127\.0\.0\.1:\d+ echoing 5 bytes$/) === 1,
+      "3 echoes and a datagram logged",
     );
     assertEquals((await verbose.stop("SIGTERM")).code, 0);
 
@@ -202,9 +207,11 @@ Deno.test("with OTEL_DENO=true the server exports its counters to a collector; w
       OTEL_EXPORTER_OTLP_ENDPOINT: `http://127.0.0.1:${collector.addr.port}`,
       OTEL_METRIC_EXPORT_INTERVAL: "200",
     };
-    await using server = await ServerProcess.start(["--port", "0"], { env });
+    await using server = await ServerProcess.start(["--port", "0", "--udp"], { env });
     const client = await runScript("client.ts", ["--port", `${server.port}`, "--count", "3"]);
     assertEquals(client.code, 0);
+    const datagram = ["--port", `${server.port}`, "--count", "1", "--udp"];
+    assertEquals((await runScript("client.ts", datagram)).code, 0);
     const exported = () => new TextDecoder().decode(concat(received));
     await waitUntil(
       () =>
@@ -214,7 +221,9 @@ Deno.test("with OTEL_DENO=true the server exports its counters to a collector; w
           "echo.server.active_connections",
           "echo.server.connection.duration",
           "echo.server.io",
+          "echo.server.datagrams",
           "{connection}",
+          "{datagram}",
           "By",
           "network.transport",
           "network.type",
