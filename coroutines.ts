@@ -18,6 +18,25 @@
  * through the same states, here as the steps of one coroutine. server.ts does
  * the counting and logging (see engine.ts).
  *
+ * The lesson's first step, the blocking server, is this file too (`--style
+ * blocking`). Python's blocking server serves one connection to its end, then
+ * accepts the next:
+ *
+ * ```python
+ * while True:
+ *     conn, addr = sock.accept()
+ *     while data := conn.recv(1024):
+ *         conn.sendall(data)
+ *     conn.close()
+ * ```
+ *
+ * Deno has no blocking socket: every read and write returns a promise. So the
+ * blocking server is the coroutine server whose accept loop waits for each
+ * connection's coroutine to end before it accepts the next one: `await
+ * handle(conn)` where the coroutine server says `loop.spawn(handle(conn))`.
+ * One word, and every other client waits in the kernel's backlog meanwhile:
+ * the problem the selector solves.
+ *
  * @module
  */
 
@@ -25,13 +44,20 @@ import { AsyncLoop, type Connection, type DatagramSocket } from "./async_loop.ts
 import type { ConnInfo, EchoServer, Engine } from "./engine.ts";
 import { describeError } from "./log.ts";
 
+/** How {@linkcode coroutines} serves. */
+export interface CoroutineOptions {
+  /** The blocking server: serve each connection to its end before accepting the next. */
+  oneAtATime?: boolean;
+}
+
 /**
- * The server in the coroutine style.
+ * The server in the coroutine style, or blocking (one connection at a time).
  *
  * @param server What every style shares: counting, logging, limits.
+ * @param options `oneAtATime` for the blocking server.
  * @returns The engine that serve() runs.
  */
-export function coroutines(server: EchoServer): Engine {
+export function coroutines(server: EchoServer, options: CoroutineOptions = {}): Engine {
   const { selector, listener, log } = server;
   const loop = new AsyncLoop({
     selector,
@@ -70,7 +96,7 @@ export function coroutines(server: EchoServer): Engine {
     }
   }
 
-  // The accept loop: the lesson's accept(), as a coroutine.
+  // The accept loop: the lesson's accept(), as a coroutine, spawning one per connection.
   async function acceptLoop(): Promise<void> {
     while (!server.shuttingDown) {
       if (slotFree) await slotFree.promise;
@@ -85,7 +111,8 @@ export function coroutines(server: EchoServer): Engine {
       }
       conn.data = server.welcome(conn.resource);
       server.opened(conn);
-      loop.spawn(handle(conn));
+      if (options.oneAtATime) await handle(conn); // blocking: the others wait in the backlog
+      else loop.spawn(handle(conn));
     }
   }
 

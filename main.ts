@@ -1,7 +1,8 @@
 /**
  * The echo server's command line: flags, one-line errors, signals, and
- * `--workers`. The server itself is server.ts, in either of the lesson's
- * styles: callbacks.ts (the default) or coroutines.ts (`--style async`).
+ * `--workers`. The server itself is server.ts, in one of the lesson's styles:
+ * callbacks.ts (the default), coroutines.ts (`--style async`), or its first
+ * step, one connection at a time (`--style blocking`, in coroutines.ts too).
  *
  * ```sh
  * deno run --allow-net=127.0.0.1 main.ts --port 8888 [--style async] [--trace]
@@ -52,7 +53,7 @@ export type { AnyTraceEvent } from "./trace.ts";
 const TRACE_LINES_PER_SECOND = 200;
 
 const USAGE =
-  `usage: deno run --allow-net=127.0.0.1 main.ts [--host H] [--port N] [--udp [--udp-rate N]] [--unix PATH] [--max-conns N] [--idle-timeout S] [--style callbacks|async] [--selector deno|epoll] [--fairness on|off] [--trace] [--log-format text|json] [--verbose | --quiet] [--workers N|auto]`;
+  `usage: deno run --allow-net=127.0.0.1 main.ts [--host H] [--port N] [--udp [--udp-rate N]] [--unix PATH] [--max-conns N] [--idle-timeout S] [--style callbacks|async|blocking] [--selector deno|epoll] [--fairness on|off] [--trace] [--log-format text|json] [--verbose | --quiet] [--workers N|auto]`;
 
 const HELP = `An echo server (RFC 862): sends back every byte it receives, over TCP, and
 over UDP or a Unix socket if asked.
@@ -67,8 +68,9 @@ ${USAGE}
   --udp-rate N       UDP replies per second to one source address (default ${DEFAULTS.udpRate})
   --unix PATH        serve on a Unix socket instead of TCP (needs --allow-read, --allow-write
                      and --allow-net=unix: for PATH); a stale socket file is replaced
-  --style STYLE      callbacks (the lesson's accept and read callbacks) or async (coroutines
-                     on the same loop) (default ${DEFAULTS.style})
+  --style STYLE      callbacks (the lesson's accept and read callbacks), async (coroutines
+                     on the same loop), or blocking (the lesson's first step: one connection
+                     at a time, the next waits until it closes) (default ${DEFAULTS.style})
   --selector S       deno (readiness from Deno's own sockets, inside its sandbox) or epoll
                      (Linux's epoll through the C library: faster, fair by itself; needs
                      --allow-ffi, which lifts Deno's sandbox) (default deno)
@@ -149,8 +151,11 @@ function optionsFrom(flags: Flags<typeof FLAGS>): CommandLine {
     throw new UsageError("--verbose and --quiet do not go together");
   }
   const { style } = flags;
-  if (style !== undefined && style !== "callbacks" && style !== "async") {
-    throw new UsageError(`--style must be callbacks or async, got "${style}"`);
+  if (style !== undefined && style !== "callbacks" && style !== "async" && style !== "blocking") {
+    throw new UsageError(`--style must be callbacks, async or blocking, got "${style}"`);
+  }
+  if (style === "blocking" && flags.udp) {
+    throw new UsageError("--style blocking waits on one connection at a time: not with --udp");
   }
   const { fairness, selector = "deno" } = flags;
   if (fairness !== undefined && fairness !== "on" && fairness !== "off") {

@@ -163,7 +163,7 @@ Deno.test("bad flags and values print one line saying what is wrong, exit 2", as
     [["--nope"], "Unknown flag --nope"],
     [["8888"], `Unexpected argument "8888"`],
     [["--verbose", "--quiet"], "--verbose and --quiet do not go together"],
-    [["--style", "threads"], `--style must be callbacks or async, got "threads"`],
+    [["--style", "threads"], `--style must be callbacks, async or blocking, got "threads"`],
     [["--selector", "kqueue"], `--selector must be deno or epoll, got "kqueue"`],
     [["--host="], "--host needs a value, not an empty one"],
     [["--port", " "], "--port needs a value, not an empty one"],

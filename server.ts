@@ -30,8 +30,11 @@ export type { AnyTraceEvent } from "./trace.ts";
 /** How much the server prints. */
 export type LogLevel = "quiet" | "info" | "verbose";
 
-/** How the server is written: the lesson's callbacks, or coroutines on the same loop. */
-export type Style = "callbacks" | "async";
+/**
+ * How the server is written: the lesson's callbacks, or coroutines on the same
+ * loop, or its first step, blocking: one connection at a time.
+ */
+export type Style = "callbacks" | "async" | "blocking";
 
 /** Options for {@linkcode serve}. */
 export interface ServeOptions {
@@ -49,7 +52,7 @@ export interface ServeOptions {
   logLevel?: LogLevel;
   /** `text`, or `json`: `{"time", "level", "message"}` per line. @default {"text"} */
   logFormat?: LogFormat;
-  /** Callbacks or coroutines. @default {"callbacks"} */
+  /** Callbacks, coroutines, or one connection at a time (`blocking`, not with `udp`). @default {"callbacks"} */
   style?: Style;
   /** Also serve UDP echo on the same address and port (needs `--unstable-net`). @default {false} */
   udp?: boolean;
@@ -307,6 +310,9 @@ class Service implements EchoServer {
     this.#verbose = options.logLevel === "verbose";
     this.#idleTimeout = options.idleTimeout;
     const { unixPath, hostname, port, reusePort, udp, udpRate, style } = options;
+    if (style === "blocking" && udp) {
+      throw new TypeError("style blocking waits on one connection at a time: not with udp");
+    }
     this.trace = given.trace;
     this.log = given.log ?? logTo(options.logFormat);
     const makeSockets = given.sockets ?? denoSockets;
@@ -326,7 +332,9 @@ class Service implements EchoServer {
     if (unixPath) this.#socketFile = Deno.lstatSync(unixPath).ino;
     this.#guard = new ReplyGuard({ rate: udpRate });
     this.stats = this.#makeStats();
-    this.#engine = style === "async" ? coroutines(this) : callbacks(this);
+    this.#engine = style === "callbacks"
+      ? callbacks(this)
+      : coroutines(this, { oneAtATime: style === "blocking" });
   }
 
   get #logs(): boolean {
