@@ -1,68 +1,103 @@
 /**
- * `deno task bench`: main.ts, in both styles and on both selectors (epoll on
- * Linux), against the idiomatic Deno echo server (bench/baseline_echo.ts),
- * driven by bench/load.ts in the same run,
- * scenario by scenario, so that a noisy moment hits both. Prints a table of
- * round trips per second, latency percentiles, fairness, the ratio to the
- * baseline, and the memory each idle connection costs each server; and draws
- * round trips per second and p99 latency as docs/bench.svg.
+ * `deno task bench`: main.ts in both concurrent styles on both selectors
+ * (epoll on Linux), against the idiomatic Deno echo server
+ * (bench/baseline_echo.ts) and, where they are installed, the idiomatic Node
+ * and Go ones (bench/peers/), all driven by the repository's native load
+ * generator (bench/loadgen, built here with Go), scenario by scenario and
+ * server by server in turn, so that a noisy moment hits all alike. Prints
+ * rates, latency percentiles, fairness (Jain's index, the least-served
+ * connection, timeouts) and the ratio to the baseline, then the memory each
+ * idle connection costs each server; and draws it all as docs/bench.svg.
  *
  * Usage: deno task bench [--duration S] [--runs N]
  *
  * @module
  */
 
-import { type LoadResult, runLoad } from "./load.ts";
 import { parseCommandLine } from "../cli.ts";
 import { processUsage } from "../testing/helpers.ts";
 import { chart, type Row } from "./chart.ts";
 import { unsupported } from "../libc.ts";
+import { buildNative, type LoadgenReport, runLoadgen } from "./native.ts";
 
-/** Whether the epoll selector runs here (Linux); its servers get `--allow-ffi` on top. */
-const epoll = unsupported() === undefined;
-const FFI = ["--allow-net=127.0.0.1", "--allow-ffi"];
-
-/** A load to measure: `count` connections sending `size`-byte messages. */
+/** A load to measure, in bench/loadgen's terms. */
 interface Scenario {
   name: string;
-  count: number;
+  mode: "rr" | "bulk" | "churn";
+  conns: number;
   size: number;
 }
 
 const SCENARIOS: Scenario[] = [
-  { name: "rr 5 B x1", count: 1, size: 5 },
-  { name: "rr 5 B x20", count: 20, size: 5 },
-  { name: "rr 5 B x500", count: 500, size: 5 },
-  { name: "rr 4 KiB x20", count: 20, size: 4096 },
-  { name: "rr 256 KiB x4", count: 4, size: 256 * 1024 },
+  { name: "rr 5 B x1", mode: "rr", conns: 1, size: 5 },
+  { name: "rr 5 B x20", mode: "rr", conns: 20, size: 5 },
+  { name: "rr 5 B x1000", mode: "rr", conns: 1000, size: 5 },
+  { name: "rr 4 KiB x20", mode: "rr", conns: 20, size: 4096 },
+  { name: "bulk x4", mode: "bulk", conns: 4, size: 65536 },
+  { name: "churn x20", mode: "churn", conns: 20, size: 5 },
 ];
 const IDLE_CONNECTIONS = 1000;
 /** Where the chart goes; docs/performance.md shows it. */
 const CHART = new URL("../docs/bench.svg", import.meta.url).pathname;
-
 const root = new URL("../", import.meta.url).pathname;
+
+/** A server to measure: its name in the tables, and the command that starts it on a port. */
+interface Contender {
+  name: string;
+  command: (port: number) => [string, ...string[]];
+}
+
+/** The contenders that run here: Deno's always, epoll on Linux, Node and Go if installed. */
+function contenders(peers: { node: boolean; go: string | undefined }): Contender[] {
+  const main = (name: string, ...flags: string[]): Contender => ({
+    name,
+    command: (port) => {
+      const ffi = flags.includes("epoll") ? ["--allow-ffi"] : [];
+      const net = ["--allow-net=127.0.0.1", ...ffi];
+      return ["deno", "run", ...net, `${root}main.ts`, "--quiet", ...flags, "--port", `${port}`];
+    },
+  });
+  const epoll = unsupported() === undefined;
+  return [
+    {
+      name: "idiomatic Deno",
+      command: (port) =>
+        [
+          ...["deno", "run", "--allow-net=127.0.0.1", `${root}bench/baseline_echo.ts`, `${port}`],
+        ] as [string, ...string[]],
+    },
+    main("callbacks"),
+    main("async", "--style", "async"),
+    ...(epoll
+      ? [
+        main("epoll", "--selector", "epoll"),
+        main("epoll async", "--selector", "epoll", "--style", "async"),
+      ]
+      : []),
+    ...(peers.node
+      ? [{
+        name: "Node",
+        command: (port: number) =>
+          ["node", `${root}bench/peers/node_echo.mjs`, `${port}`] as [string, ...string[]],
+      }]
+      : []),
+    ...(peers.go
+      ? [{ name: "Go", command: (port: number) => [peers.go!, `${port}`] }]
+      : []) as Contender[],
+  ];
+}
 
 /** A server process on a free port. */
 class Server {
-  readonly name: string;
   readonly port: number;
   readonly #child: Deno.ChildProcess;
 
-  constructor(
-    name: string,
-    script: string,
-    args: string[],
-    permissions = ["--allow-net=127.0.0.1"],
-  ) {
-    this.name = name;
+  constructor(readonly name: string, contender: Contender) {
     const probe = Deno.listen({ hostname: "127.0.0.1", port: 0 });
     this.port = probe.addr.port;
     probe.close();
-    this.#child = new Deno.Command("deno", {
-      args: ["run", ...permissions, `${root}${script}`, ...args, `${this.port}`],
-      stdin: "null",
-      stdout: "null",
-    }).spawn();
+    const [program, ...args] = contender.command(this.port);
+    this.#child = new Deno.Command(program, { args, stdin: "null", stdout: "null" }).spawn();
   }
 
   get pid(): number {
@@ -107,8 +142,17 @@ function row(cells: (string | number)[]): string {
   return `| ${cells.join(" | ")} |`;
 }
 
-const ms = (x: number) => x.toFixed(2);
-const latency = (r: LoadResult) => `${ms(r.ms.p50)} / ${ms(r.ms.p99)} / ${ms(r.ms.p999)}`;
+/** A rate for the table: 64.3k, or MB/s in bulk. */
+function rate(report: LoadgenReport): string {
+  const { perSecond, unit } = report.summary;
+  return unit === "bytes" ? `${(perSecond / 1e6).toFixed(0)} MB/s` : `${Math.round(perSecond)}`;
+}
+
+/** The scenario's figures of one server, for the table: timeouts and failures stand out. */
+function fairness({ summary }: LoadgenReport): string {
+  const lost = summary.failed ? `, ${summary.failed} failed (${summary.timeouts} timed out)` : "";
+  return `${summary.jain.toFixed(3)} / ${summary.worst.toFixed(2)}${lost}`;
+}
 
 async function main(args: string[]): Promise<number> {
   const parsed = parseCommandLine(args, {
@@ -116,96 +160,103 @@ async function main(args: string[]): Promise<number> {
     runs: { type: "integer", min: 1, max: 20 },
   }, {
     name: "bench.ts",
-    help:
-      "usage: deno task bench [--duration S] [--runs N]\n\nCompares main.ts, in both styles, with the idiomatic baseline.\n\n  --duration S   seconds per scenario and server (default 3)\n  --runs N       runs per scenario, medians reported (default 1)",
-  }, (flags) => ({
-    duration: flags.duration ?? 3,
-    runs: flags.runs ?? 1,
-  }));
+    help: `usage: deno task bench [--duration S] [--runs N]
+
+Compares main.ts with the idiomatic Deno, Node and Go echo servers, through
+bench/loadgen (built with Go: apt install golang-go, or https://go.dev/dl).
+
+  --duration S   seconds per scenario and server (default 3)
+  --runs N       runs per scenario, medians reported (default 1)`,
+  }, (flags) => ({ duration: flags.duration ?? 3, runs: flags.runs ?? 1 }));
   if ("exit" in parsed) return parsed.exit;
   const { duration, runs } = parsed.options;
-  const servers = [
-    new Server("baseline", "bench/baseline_echo.ts", []),
-    new Server("callbacks", "main.ts", ["--quiet", "--port"]),
-    new Server("async", "main.ts", ["--quiet", "--style", "async", "--port"]),
-    ...(epoll
-      ? [
-        new Server("epoll", "main.ts", ["--quiet", "--selector", "epoll", "--port"], FFI),
-        new Server("epoll async", "main.ts", [
-          ...["--quiet", "--selector", "epoll", "--style", "async", "--port"],
-        ], FFI),
-      ]
-      : []),
-  ];
+  const native = await buildNative();
+  if ("missing" in native) {
+    console.error(`bench.ts: ${native.missing}`);
+    return 1;
+  }
+  const node = await new Deno.Command("node", { args: ["--version"], stdout: "null" }).output()
+    .then((status) => status.success, () => false);
+  const servers = contenders({ node, go: native.goEcho })
+    .map((contender) => new Server(contender.name, contender));
   try {
     await Promise.all(servers.map((server) => server.ready()));
     // Memory first, while the processes are fresh: load grows heaps that stay grown.
     const idle: number[] = [];
     for (const server of servers) idle.push(await idleKiB(server));
     console.log(
-      `Deno ${Deno.version.deno}, ${navigator.hardwareConcurrency} cpus; ${duration} s per scenario, median of ${runs} run(s); latency in ms; main.ts in both styles against the baseline\n`,
+      `Deno ${Deno.version.deno}, ${navigator.hardwareConcurrency} cpus; bench/loadgen, ${duration} s per scenario, median of ${runs} run(s); latency in ms\n`,
     );
     const names = servers.map((server) => server.name);
-    console.log(row([
-      "scenario",
-      ...names.map((name) => `${name} rt/s`),
-      ...names.map((name) => `${name} p50 / p99 / p99.9`),
-      `Jain ${names.join(" / ")}`,
-    ]));
-    console.log(row(Array(2 * names.length + 2).fill("---")));
+    console.log(row(["scenario", ...names]));
+    console.log(row(Array(names.length + 1).fill("---")));
     let failed = 0;
     const rows: Row[] = [];
+    const details: string[] = [];
     for (const scenario of SCENARIOS) {
-      const results: LoadResult[][] = servers.map(() => []);
+      const results: LoadgenReport[][] = servers.map(() => []);
       for (let run = 0; run < runs; run++) {
         // Rotate who goes first, so that a slow spell hits all alike.
         for (let k = 0; k < servers.length; k++) {
           const i = (run + k) % servers.length;
-          results[i].push(await runLoad({ port: servers[i].port, duration, ...scenario }));
+          const { mode, conns, size } = scenario;
+          const load = { port: servers[i].port, mode, conns, size, duration };
+          results[i].push(await runLoadgen(native.loadgen, load));
         }
       }
       const medians = results.map((list) =>
-        list.sort((a, b) => a.perSecond - b.perSecond)[list.length >> 1]
+        list.sort((a, b) => a.summary.perSecond - b.summary.perSecond)[list.length >> 1]
       );
-      for (const [i, result] of medians.entries()) {
-        if (result.failed) {
+      for (const [i, { summary }] of medians.entries()) {
+        if (summary.failed) {
           failed++;
           console.error(
             `${
               servers[i].name
-            }, ${scenario.name}: ${result.failed} connections failed: ${result.firstError}`,
+            }, ${scenario.name}: ${summary.failed} connections failed (${summary.timeouts} timed out): ${summary.error}`,
           );
         }
       }
-      const base = medians[0].perSecond;
+      const base = medians[0].summary.perSecond;
       rows.push({
         scenario: scenario.name,
-        bars: medians.map(({ perSecond, ms }) => ({ perSecond, p99: ms.p99 })),
+        bars: medians.map(({ summary }) => ({
+          perSecond: summary.perSecond,
+          p99: summary.ms.p99 ?? NaN,
+          jain: summary.jain,
+        })),
       });
       console.log(row([
         scenario.name,
-        ...medians.map((result, i) =>
-          `${Math.round(result.perSecond)}${i ? ` (${(result.perSecond / base).toFixed(2)}x)` : ""}`
+        ...medians.map((report, i) =>
+          `${rate(report)}${i ? ` (${(report.summary.perSecond / base).toFixed(2)}x)` : ""}`
         ),
-        ...medians.map(latency),
-        medians.map((result) => result.jain.toFixed(2)).join(" / "),
       ]));
+      details.push(
+        row([
+          scenario.name,
+          ...medians.map((report) => {
+            const { p50, p99, p999 } = report.summary.ms;
+            const latency = p50 === undefined ? "" : `${p50} / ${p99} / ${p999}; `;
+            return `${latency}${fairness(report)}`;
+          }),
+        ]),
+      );
     }
+    console.log(
+      `\nLatency p50 / p99 / p99.9 (ms); Jain's index / least-served connection's share of the mean\n`,
+    );
+    console.log(row(["scenario", ...names]));
+    console.log(row(Array(names.length + 1).fill("---")));
+    for (const line of details) console.log(line);
     console.log(
       `\nMemory per idle connection (${IDLE_CONNECTIONS} open): ${
         servers.map((server, i) => `${server.name} ${idle[i].toFixed(1)} KiB`).join(", ")
       }`,
     );
-    const title =
-      `deno task bench: Deno ${Deno.version.deno}, ${navigator.hardwareConcurrency} cpus, ` +
-      `${duration} s per scenario, median of ${runs}`;
-    const legend = [
-      "idiomatic Deno",
-      "main.ts (callbacks)",
-      "main.ts (async)",
-      ...(epoll ? ["epoll (callbacks)", "epoll (async)"] : []),
-    ];
-    await Deno.writeTextFile(CHART, chart(legend, rows, title));
+    const title = `deno task bench: Deno ${Deno.version.deno}, ${navigator.hardwareConcurrency} ` +
+      `cpus, bench/loadgen, ${duration} s per scenario, median of ${runs}`;
+    await Deno.writeTextFile(CHART, chart(names, rows, title));
     console.log(`Chart: ${CHART}`);
     return failed ? 1 : 0;
   } finally {

@@ -1,0 +1,73 @@
+// bench/loadgen, the load generator the figures in docs/ come from: it finds a
+// wrong byte, counts a timeout, and measures every mode. Needs Go to build it
+// (CI installs it); without Go these tests are ignored.
+import { assert, assertEquals, assertMatch } from "@std/assert";
+import { serveForTest } from "../testing/helpers.ts";
+import { buildNative, type LoadgenOptions, runLoadgen } from "./native.ts";
+
+const go = new Deno.Command("go", { args: ["version"], stdout: "null", stderr: "null" })
+  .output().then((status) => status.success, () => false);
+const ignore = !(await go);
+const tools = ignore ? undefined : await buildNative();
+const loadgen = tools && "loadgen" in tools ? tools.loadgen : "";
+
+/** A short load: a tenth of a second to warm up, three tenths counted. */
+function load(port: number, mode: LoadgenOptions["mode"], conns = 4): LoadgenOptions {
+  return { port, mode, conns, size: 100, duration: 0.3, warmup: 0.1, timeout: 2 };
+}
+
+/** A server that echoes, but with every 50th byte changed: a checker must notice. */
+function corruptingServer(): Deno.TcpListener {
+  const listener = Deno.listen({ hostname: "127.0.0.1", port: 0 });
+  (async () => {
+    for await (const conn of listener) {
+      (async () => {
+        const buffer = new Uint8Array(4096);
+        try {
+          for (let n, at = 0; (n = await conn.read(buffer)) !== null; at += n) {
+            for (let i = 0; i < n; i++) if ((at + i) % 50 === 49) buffer[i] ^= 1;
+            await conn.write(buffer.subarray(0, n));
+          }
+        } catch {
+          // the load generator hangs up on the first wrong byte
+        } finally {
+          conn.close();
+        }
+      })();
+    }
+  })().catch(() => {}); // closed
+  return listener;
+}
+
+Deno.test({
+  name: "loadgen measures each mode against main.ts, every byte checked, with no failure",
+  ignore,
+  async fn() {
+    await using server = serveForTest();
+    for (const mode of ["rr", "bulk", "churn", "idle"] as const) {
+      const { schema, summary } = await runLoadgen(loadgen, load(server.port, mode));
+      assertEquals([schema, summary.failed], ["echo-loadgen/1", 0], mode);
+      assert(summary.ops > 0 && summary.perSecond > 0 && summary.jain > 0, mode);
+      if (mode !== "bulk") {
+        const { min, p50, p99, p999, max } = summary.ms;
+        assert(min! <= p50! && p50! <= p99! && p99! <= p999! && p999! <= max!, mode);
+      }
+    }
+  },
+});
+
+Deno.test({
+  name: "loadgen finds a wrong byte, and counts a server that never answers as timeouts",
+  ignore,
+  async fn() {
+    using corrupting = corruptingServer();
+    const wrong = await runLoadgen(loadgen, load(corrupting.addr.port, "rr"));
+    assertEquals(wrong.summary.failed, 4);
+    assertMatch(wrong.summary.error ?? "", /wrong bytes echoed/);
+
+    using silent = Deno.listen({ hostname: "127.0.0.1", port: 0 }); // accepts in the kernel only
+    const options = { ...load(silent.addr.port, "rr", 2), timeout: 0.2 };
+    const timedOut = await runLoadgen(loadgen, options);
+    assertEquals([timedOut.summary.failed, timedOut.summary.timeouts], [2, 2]);
+  },
+});
