@@ -2,7 +2,7 @@
 // wrong byte, counts a timeout, and measures every mode. Needs Go to build it
 // (CI installs it); without Go these tests are ignored.
 import { assert, assertEquals, assertMatch } from "@std/assert";
-import { serveForTest } from "../testing/helpers.ts";
+import { SELECTORS, serveForTest } from "../testing/helpers.ts";
 import { buildNative, type LoadgenOptions, runLoadgen } from "./native.ts";
 
 const go = new Deno.Command("go", { args: ["version"], stdout: "null", stderr: "null" })
@@ -51,6 +51,28 @@ Deno.test({
       if (mode !== "bulk") {
         const { min, p50, p99, p999, max } = summary.ms;
         assert(min! <= p50! && p50! <= p99! && p99! <= p999! && p999! <= max!, mode);
+      }
+    }
+  },
+});
+
+Deno.test({
+  name:
+    "loadgen -mode hello, the lesson's Go client: twenty connections all get their echo, from the blocking server one at a time",
+  ignore,
+  async fn() {
+    for (const selector of SELECTORS) {
+      for (const style of ["blocking", "callbacks", "async"] as const) {
+        await using server = serveForTest({ style, selector });
+        const { summary } = await runLoadgen(loadgen, {
+          port: server.port,
+          mode: "hello",
+          conns: 20,
+          size: 5,
+        });
+        const variant = `${style} [${selector}]`;
+        assertEquals([summary.ops, summary.failed, server.stats.accepted], [20, 0, 20], variant);
+        if (style === "blocking") assertEquals(server.stats.peak, 1, variant);
       }
     }
   },

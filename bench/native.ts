@@ -48,14 +48,14 @@ export async function buildNative(): Promise<NativeTools | { missing: string }> 
 export interface LoadgenOptions {
   /** The server's port on 127.0.0.1. */
   port: number;
-  /** rr, bulk, churn or idle. */
-  mode: "rr" | "bulk" | "churn" | "idle";
+  /** hello (the lesson's client: one round trip per connection), rr, bulk, churn or idle. */
+  mode: "hello" | "rr" | "bulk" | "churn" | "idle";
   /** Connections (workers in churn mode). */
   conns: number;
   /** Message size in bytes. */
   size: number;
-  /** Seconds of load counted. */
-  duration: number;
+  /** Seconds of load counted (none in hello mode: it ends when every connection is done). @default {3} */
+  duration?: number;
   /** Seconds of load before the counting starts (rr, bulk, churn). @default {0.5} */
   warmup?: number;
   /** Seconds an operation may take before it counts as timed out. @default {5} */
@@ -66,7 +66,7 @@ export interface LoadgenOptions {
 export interface LoadgenReport {
   /** `echo-loadgen/1`. */
   schema: string;
-  /** What was asked. */
+  /** What was asked, and the seconds counted. */
   load: { mode: string; connections: number; size: number; seconds: number };
   /** What was measured. */
   summary: {
@@ -99,7 +99,7 @@ export interface LoadgenReport {
  * @returns Its report (also when connections failed: `summary.failed` says how many).
  */
 export async function runLoadgen(loadgen: string, options: LoadgenOptions): Promise<LoadgenReport> {
-  const { port, mode, conns, size, duration, warmup = 0.5, timeout = 5 } = options;
+  const { port, mode, conns, size, duration = 3, warmup = 0.5, timeout = 5 } = options;
   const flags = { port, mode, conns, size, duration, warmup, timeout };
   const args = Object.entries(flags).flatMap(([name, value]) => [`-${name}`, `${value}`]);
   const { code, stdout, stderr } = await new Deno.Command(loadgen, { args }).output();

@@ -1,8 +1,10 @@
 // Command loadgen drives an echo server and checks every byte it gets back.
 //
 // It is the lesson's Go client grown into a measuring tool: N connections, each
-// its own goroutine, in one of four modes:
+// its own goroutine, in one of five modes:
 //
+//	hello  the lesson's client: send one message, read its echo, close; the run
+//	       ends when every connection has its echo back
 //	rr     request-response: send a message, wait for its whole echo, again
 //	bulk   stream: write 64 KiB chunks without waiting, read the echo as it comes
 //	churn  connect, one round trip, close, again
@@ -80,7 +82,7 @@ func main() {
 	o := options{}
 	flag.StringVar(&o.host, "host", "127.0.0.1", "the server's address")
 	flag.IntVar(&o.port, "port", 8888, "the server's port")
-	flag.StringVar(&o.mode, "mode", "rr", "rr, bulk, churn or idle")
+	flag.StringVar(&o.mode, "mode", "rr", "hello, rr, bulk, churn or idle")
 	flag.IntVar(&o.conns, "conns", 20, "connections (workers in churn mode)")
 	flag.IntVar(&o.size, "size", 5, "message size in bytes (rr, churn, idle)")
 	seconds := flag.Float64("duration", 3, "seconds of load counted (idle: seconds held)")
@@ -90,7 +92,7 @@ func main() {
 	o.duration = time.Duration(*seconds * float64(time.Second))
 	o.timeout = time.Duration(*timeout * float64(time.Second))
 	o.warmup = time.Duration(*warmup * float64(time.Second))
-	if o.mode == "idle" {
+	if o.mode == "idle" || o.mode == "hello" {
 		o.warmup = 0
 	}
 	if flag.NArg() > 0 || o.conns < 1 || o.size < 1 || o.duration <= 0 || o.timeout <= 0 || o.warmup < 0 {
@@ -99,10 +101,10 @@ func main() {
 	}
 	// Each mode's work, on a connection opened before the clock starts (churn opens its own).
 	work := map[string]func(*options, int, net.Conn, *window, *conn){
-		"rr": roundTrips, "bulk": stream, "churn": churn, "idle": idle,
+		"hello": hello, "rr": roundTrips, "bulk": stream, "churn": churn, "idle": idle,
 	}[o.mode]
 	if work == nil {
-		fmt.Fprintf(os.Stderr, "loadgen: -mode must be rr, bulk, churn or idle, got %q\n", o.mode)
+		fmt.Fprintf(os.Stderr, "loadgen: -mode must be hello, rr, bulk, churn or idle, got %q\n", o.mode)
 		os.Exit(2)
 	}
 	results := make([]conn, o.conns)
@@ -119,6 +121,8 @@ func main() {
 		done.Wait()
 	}
 	var w window
+	w.counting.Store(o.warmup == 0)
+	start := time.Now()
 	for id := range results {
 		if results[id].err != nil {
 			continue // could not connect
@@ -129,13 +133,19 @@ func main() {
 			work(&o, id, conns[id], &w, &results[id])
 		}(id)
 	}
-	time.Sleep(o.warmup) // the server accepts, its caches and JIT warm up
-	w.counting.Store(true)
-	start := time.Now()
-	time.Sleep(o.duration)
-	w.stopped.Store(true)
-	elapsed := time.Since(start)
-	done.Wait()
+	var elapsed time.Duration
+	if o.mode == "hello" { // it runs until every connection has its echo
+		done.Wait()
+		elapsed = time.Since(start)
+	} else {
+		time.Sleep(o.warmup) // the server accepts, its caches and JIT warm up
+		w.counting.Store(true)
+		start = time.Now()
+		time.Sleep(o.duration)
+		w.stopped.Store(true)
+		elapsed = time.Since(start)
+		done.Wait()
+	}
 	report := summarize(&o, results, elapsed)
 	out, _ := json.MarshalIndent(report, "", "  ")
 	fmt.Println(string(out))
@@ -252,6 +262,18 @@ func stream(o *options, id int, c net.Conn, w *window, r *conn) {
 	}
 }
 
+// hello is the lesson's client: one message, its echo, and goodbye.
+func hello(o *options, id int, c net.Conn, _ *window, r *conn) {
+	defer c.Close()
+	ms, err := roundTrip(o, c, id, 0, make([]byte, o.size), make([]byte, o.size))
+	if err != nil {
+		r.err = err
+		return
+	}
+	r.ops = 1
+	r.latencies = append(r.latencies, ms)
+}
+
 // idle holds its connection until told to stop, then checks that it still answers.
 func idle(o *options, id int, c net.Conn, w *window, r *conn) {
 	defer c.Close()
@@ -304,7 +326,7 @@ type Sum struct {
 }
 
 func summarize(o *options, results []conn, elapsed time.Duration) Report {
-	sum := Sum{Unit: map[string]string{"rr": "round trips", "bulk": "bytes", "churn": "connections", "idle": "round trips"}[o.mode]}
+	sum := Sum{Unit: map[string]string{"hello": "round trips", "rr": "round trips", "bulk": "bytes", "churn": "connections", "idle": "round trips"}[o.mode]}
 	var latencies []float64
 	shares := make([]float64, len(results))
 	for i, r := range results {
@@ -334,7 +356,7 @@ func summarize(o *options, results []conn, elapsed time.Duration) Report {
 	return Report{
 		Schema:  Schema,
 		Server:  Server{Host: o.host, Port: o.port},
-		Load:    Load{Mode: o.mode, Connections: o.conns, Size: o.size, Seconds: o.duration.Seconds()},
+		Load:    Load{Mode: o.mode, Connections: o.conns, Size: o.size, Seconds: round(elapsed.Seconds(), 3)},
 		Summary: sum,
 	}
 }
