@@ -276,17 +276,10 @@ func hello(o *options, id int, c net.Conn, _ *window, r *conn) {
 
 // idle holds its connection until told to stop, then checks that it still answers.
 func idle(o *options, id int, c net.Conn, w *window, r *conn) {
-	defer c.Close()
 	for !w.stopped.Load() {
 		time.Sleep(10 * time.Millisecond)
 	}
-	ms, err := roundTrip(o, c, id, 0, make([]byte, o.size), make([]byte, o.size))
-	if err != nil {
-		r.err = err
-		return
-	}
-	r.ops = 1
-	r.latencies = append(r.latencies, ms)
+	hello(o, id, c, w, r)
 }
 
 // Report is the JSON document loadgen prints.
