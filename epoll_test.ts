@@ -55,6 +55,28 @@ Deno.test("with 600 connections ready at once, one select() reports every one: n
   selector.close();
 });
 
+Deno.test("in a long turn run() lets the coroutines its callbacks woke run after every 32 callbacks, not only at its end", async () => {
+  const [selector, accepted, port] = listening();
+  const peers = await Promise.all(Array.from({ length: 100 }, () => connect(port)));
+  await acceptAll(selector, accepted, 100);
+  const log: string[] = [];
+  let callbacks = 0;
+  for (const conn of accepted) {
+    selector.register(conn, READ, (key) => {
+      key.recv();
+      log.push("callback");
+      queueMicrotask(() => log.push("woken")); // as a recv() promise resolved here would
+      if (++callbacks === 100) selector.close(); // ends run()
+    });
+  }
+  await Promise.all(peers.map((peer) => peer.write(new Uint8Array([1]))));
+  await delay(50); // every byte has arrived: one turn reports all 100
+  await selector.run();
+  assertEquals(log.indexOf("woken"), 32);
+  assertEquals(log.filter((entry) => entry === "woken").length, 100);
+  for (const peer of peers) peer.close();
+});
+
 Deno.test("send() writes every byte of 16 MiB in order, finishing partial writes on EPOLLOUT; WRITE once all is written", async () => {
   const [selector, accepted, port] = listening();
   const peer = await connect(port);
