@@ -1,6 +1,6 @@
 // Socket addresses in and out of C structs, as Deno writes them.
-import { assertEquals } from "@std/assert";
-import { inetAddr, readAddr, unixAddr } from "./libc.ts";
+import { assert, assertEquals } from "@std/assert";
+import { AF_INET, inetAddr, Libc, readAddr, SOCK_DGRAM, unixAddr } from "./libc.ts";
 
 /** An address written to a C struct and read back, as Deno would print it. */
 function roundTrip(hostname: string): string | undefined {
@@ -57,4 +57,33 @@ Deno.test("a Unix socket's path fits in sockaddr_un, or is refused", () => {
   assertEquals(unixAddr("/tmp/a\0b"), undefined);
   const unterminated = unixAddr("/x")!.subarray(0, 4); // no NUL after the path
   assertEquals(readAddr(unterminated, "tcp"), { transport: "unix", path: "/x" });
+});
+
+Deno.test("every call gives C the length of the array it passes, whatever sizes came before", () => {
+  const libc = new Libc();
+  const fd = libc.socket(AF_INET, SOCK_DGRAM); // datagrams keep their length: a wrong one shows
+  try {
+    assertEquals(libc.bind(fd, inetAddr("127.0.0.1", 0)!), 0);
+    assert(libc.sockname(fd) > 0);
+    const self = libc.addr.slice(0, 16);
+    const receive = (into: Uint8Array) => {
+      for (let tries = 0; tries < 1000; tries++) {
+        const n = libc.recvfrom(fd, into);
+        if (n >= 0) return n;
+      }
+      throw new Error("the datagram sent to itself did not arrive");
+    };
+    // Sizes that share a slot of the cache of sizes (5 and 13; 40, 8 and 64), in turns.
+    for (const size of [5, 13, 5, 40, 8, 40, 64, 1]) {
+      assertEquals(libc.sendto(fd, new Uint8Array(size).fill(size), self), size);
+      const into = new Uint8Array(64);
+      assertEquals(receive(into), size);
+      assertEquals(into.subarray(0, size), new Uint8Array(size).fill(size));
+    }
+    assertEquals(libc.sendto(fd, new Uint8Array(40), self), 40);
+    assertEquals(receive(new Uint8Array(8)), 8); // no more than the array holds
+  } finally {
+    libc.close(fd);
+    libc.unload();
+  }
 });
