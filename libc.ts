@@ -100,6 +100,9 @@ export class Libc {
   readonly addr = new Uint8Array(ADDR_SIZE);
   /** One int, for setsockopt(). */
   readonly #int = new Uint8Array(4);
+  /** The last sizes passed to C, and the same as bigints (see #size). */
+  readonly #sizes = [-1, -1, -1, -1, -1, -1, -1, -1];
+  readonly #bigSizes = [0n, 0n, 0n, 0n, 0n, 0n, 0n, 0n];
 
   /**
    * Opens the C library.
@@ -173,8 +176,9 @@ export class Libc {
 
   /**
    * `n` as the bigint C's `size_t` takes. A server reads and writes the same
-   * few sizes over and over, so the last eight are kept (by their low bits):
-   * a bigint made per call cost 1-3% of the round trips.
+   * few sizes over and over, so the last eight are kept (by their low bits)
+   * rather than a bigint made per call, which costs a few percent of the
+   * round trips.
    */
   #size(n: number): bigint {
     const slot = n & 7;
@@ -184,8 +188,6 @@ export class Libc {
     }
     return this.#bigSizes[slot];
   }
-  readonly #sizes = [-1, -1, -1, -1, -1, -1, -1, -1];
-  readonly #bigSizes = [0n, 0n, 0n, 0n, 0n, 0n, 0n, 0n];
 
   close(fd: number): number {
     return this.#c.close(fd);
