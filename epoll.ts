@@ -51,7 +51,7 @@ import type {
   SelectorKey,
   TraceEvent,
 } from "./loop.ts";
-import { READ, WRITE } from "./loop.ts";
+import { checkInterest, READ, WRITE } from "./loop.ts";
 import {
   AF_INET,
   AF_INET6,
@@ -369,14 +369,9 @@ export class EpollSelector implements BaseSelector {
   };
 }
 
-/** Checks an interest mask: READ and WRITE bits only, READ only for a listener. */
+/** Checks an interest mask for one of our sockets (see loop.ts's checkInterest). */
 function checkEvents(resource: Resource, events: number): number {
-  const valid = resource instanceof Listener ? READ : READ | WRITE;
-  if (Number.isInteger(events) && (events & ~valid) === 0) return events;
-  const what = valid === READ
-    ? "listener takes READ"
-    : "connection or datagram socket takes READ and WRITE";
-  throw new RangeError(`Invalid events ${events}: a ${what}`);
+  return checkInterest(events, resource instanceof Listener);
 }
 
 /**

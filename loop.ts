@@ -384,10 +384,22 @@ export type BaseSelector = Pick<Selector, keyof Selector>;
 
 /** Checks an interest mask: READ and WRITE bits only, READ only for a listener. */
 function checkEvents(resource: Resource, events: number): number {
-  const isListener = !("remoteAddr" in resource) && !("receive" in resource);
-  const valid = isListener ? READ : READ | WRITE;
+  return checkInterest(events, !("remoteAddr" in resource) && !("receive" in resource));
+}
+
+/**
+ * Checks an interest mask: READ and WRITE bits only, and READ only for a
+ * listener. Both selectors use it (epoll.ts tells its own listeners apart).
+ *
+ * @param events The mask.
+ * @param listener Whether the resource is a listener.
+ * @returns The mask.
+ * @throws {RangeError} Saying what the resource takes.
+ */
+export function checkInterest(events: number, listener: boolean): number {
+  const valid = listener ? READ : READ | WRITE;
   if (Number.isInteger(events) && (events & ~valid) === 0) return events;
-  const takes = isListener
+  const takes = listener
     ? "listener takes READ"
     : "connection or datagram socket takes READ and WRITE";
   throw new RangeError(`Invalid events ${events}: a ${takes}`);
