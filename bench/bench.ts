@@ -19,6 +19,7 @@ import { processUsage } from "../testing/helpers.ts";
 import { chart, type Row } from "./chart.ts";
 import { unsupported } from "../libc.ts";
 import { buildNative, type LoadgenReport, runLoadgen } from "./native.ts";
+import { type Command, mainTs, SpawnedServer } from "./spawn.ts";
 
 /** A load to measure, in bench/loadgen's terms. */
 interface Scenario {
@@ -44,18 +45,14 @@ const root = new URL("../", import.meta.url).pathname;
 /** A server to measure: its name in the tables, and the command that starts it on a port. */
 interface Contender {
   name: string;
-  command: (port: number) => [string, ...string[]];
+  command: Command;
 }
 
 /** The contenders that run here: Deno's always, epoll on Linux, Node and Go if installed. */
 function contenders(peers: { node: boolean; go: string | undefined }): Contender[] {
   const main = (name: string, ...flags: string[]): Contender => ({
     name,
-    command: (port) => {
-      const ffi = flags.includes("epoll") ? ["--allow-ffi"] : [];
-      const net = ["--allow-net=127.0.0.1", ...ffi];
-      return ["deno", "run", ...net, `${root}main.ts`, "--quiet", ...flags, "--port", `${port}`];
-    },
+    command: mainTs(...flags),
   });
   const epoll = unsupported() === undefined;
   return [
@@ -87,44 +84,8 @@ function contenders(peers: { node: boolean; go: string | undefined }): Contender
   ];
 }
 
-/** A server process on a free port. */
-class Server {
-  readonly port: number;
-  readonly #child: Deno.ChildProcess;
-
-  constructor(readonly name: string, contender: Contender) {
-    const probe = Deno.listen({ hostname: "127.0.0.1", port: 0 });
-    this.port = probe.addr.port;
-    probe.close();
-    const [program, ...args] = contender.command(this.port);
-    this.#child = new Deno.Command(program, { args, stdin: "null", stdout: "null" }).spawn();
-  }
-
-  get pid(): number {
-    return this.#child.pid;
-  }
-
-  /** Waits until the server accepts connections. */
-  async ready(): Promise<void> {
-    for (let i = 0; i < 200; i++) {
-      try {
-        (await Deno.connect({ hostname: "127.0.0.1", port: this.port })).close();
-        return;
-      } catch {
-        await new Promise((resolve) => setTimeout(resolve, 50));
-      }
-    }
-    throw new Error(`${this.name} did not start`);
-  }
-
-  async stop(): Promise<void> {
-    this.#child.kill("SIGKILL");
-    await this.#child.status;
-  }
-}
-
 /** Resident memory per idle connection: RSS with N connections open, minus before. */
-async function idleKiB(server: Server): Promise<number> {
+async function idleKiB(server: SpawnedServer): Promise<number> {
   const before = await processUsage(server.pid);
   const conns = await Promise.all(
     Array.from(
@@ -178,7 +139,7 @@ bench/loadgen (built with Go: apt install golang-go, or https://go.dev/dl).
   const node = await new Deno.Command("node", { args: ["--version"], stdout: "null" }).output()
     .then((status) => status.success, () => false);
   const servers = contenders({ node, go: native.goEcho })
-    .map((contender) => new Server(contender.name, contender));
+    .map((contender) => new SpawnedServer(contender.name, contender.command));
   try {
     await Promise.all(servers.map((server) => server.ready()));
     // Memory first, while the processes are fresh: load grows heaps that stay grown.

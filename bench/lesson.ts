@@ -14,37 +14,11 @@
 
 import { parseCommandLine } from "../cli.ts";
 import { buildNative, runLoadgen } from "./native.ts";
+import { mainTs, SpawnedServer } from "./spawn.ts";
 
-const root = new URL("../", import.meta.url).pathname;
 const STYLES = ["blocking", "callbacks", "async"] as const;
 /** How long the quiet client holds its connection before it leaves. */
 const QUIET_MS = 1000;
-
-/** Starts `main.ts --style STYLE --quiet` on a free port; resolves once it accepts. */
-async function start(style: string) {
-  const probe = Deno.listen({ hostname: "127.0.0.1", port: 0 });
-  const port = probe.addr.port;
-  probe.close();
-  const args = ["run", "--allow-net=127.0.0.1", `${root}main.ts`, "--quiet", "--style", style];
-  const child = new Deno.Command("deno", { args: [...args, "--port", `${port}`], stdin: "null" })
-    .spawn();
-  for (let i = 0;; i++) {
-    try {
-      (await Deno.connect({ hostname: "127.0.0.1", port })).close();
-      break;
-    } catch (error) {
-      if (i === 200) throw error;
-      await new Promise((resolve) => setTimeout(resolve, 50));
-    }
-  }
-  return {
-    port,
-    async stop() {
-      child.kill("SIGKILL");
-      await child.status;
-    },
-  };
-}
 
 /** One quiet client, then nineteen that say hello: milliseconds until all nineteen have it back. */
 async function heldUpMs(port: number): Promise<number> {
@@ -95,8 +69,9 @@ The lesson's three steps on the same loads (built with Go: apt install golang-go
   );
   console.log("| --- | --- | --- | --- | --- |");
   for (const style of STYLES) {
-    const server = await start(style);
+    const server = new SpawnedServer(style, mainTs("--style", style));
     try {
+      await server.ready();
       const held = await heldUpMs(server.port);
       const load = { port: server.port, mode: "rr", conns: 1000, size: 5, duration } as const;
       const { summary } = await runLoadgen(native.loadgen, { ...load, timeout: 2 });
