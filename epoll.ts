@@ -480,9 +480,13 @@ class EpollCore {
     this.libc.epollCtl(this.epoll, EPOLL_CTL_MOD, key.fd, key.kernelMask);
   }
 
-  /** The key may be ready without a kernel event: the next select() checks it. */
+  /**
+   * The key may have become ready without a kernel event: if it is, the next
+   * select() reports it. (One not ready now becomes ready only by a kernel
+   * event or another call here.)
+   */
   markPending(key: EpollKey): void {
-    if (!key.registered) return;
+    if (!key.registered || (key.readiness() & key.events) === 0) return;
     this.#pending.add(key);
     if (this.#away && !this.#woken) { // the wait runs on Deno's pool: end it
       this.#woken = true;
