@@ -109,6 +109,18 @@ function rate(report: LoadgenReport): string {
   return unit === "bytes" ? `${(perSecond / 1e6).toFixed(0)} MB/s` : `${Math.round(perSecond)}`;
 }
 
+/**
+ * The CPU the server spent per operation: a rate depends on the load
+ * generator and the machine as much as on the server; this is the server's own cost.
+ */
+function cpuPerOp({ summary }: LoadgenReport): string {
+  const { serverCpuSeconds = 0, ops, unit } = summary;
+  if (!ops) return "";
+  return unit === "bytes"
+    ? (serverCpuSeconds * 1e3 / (ops / 1e6)).toFixed(2) // ms per MB
+    : (serverCpuSeconds * 1e6 / ops).toFixed(1); // µs per round trip or connection
+}
+
 /** The scenario's figures of one server, for the table: timeouts and failures stand out. */
 function fairness({ summary }: LoadgenReport): string {
   const lost = summary.failed ? `, ${summary.failed} failed (${summary.timeouts} timed out)` : "";
@@ -154,6 +166,7 @@ bench/loadgen (built with Go: apt install golang-go, or https://go.dev/dl).
     let failed = 0;
     const rows: Row[] = [];
     const details: string[] = [];
+    const cpu: string[] = [];
     for (const scenario of SCENARIOS) {
       const results: LoadgenReport[][] = servers.map(() => []);
       for (let run = 0; run < runs; run++) {
@@ -161,7 +174,14 @@ bench/loadgen (built with Go: apt install golang-go, or https://go.dev/dl).
         for (let k = 0; k < servers.length; k++) {
           const i = (run + k) % servers.length;
           const { mode, conns, size } = scenario;
-          const load = { port: servers[i].port, mode, conns, size, duration };
+          const load = {
+            port: servers[i].port,
+            mode,
+            conns,
+            size,
+            duration,
+            serverPid: servers[i].pid,
+          };
           results[i].push(await runLoadgen(native.loadgen, load));
         }
       }
@@ -203,6 +223,7 @@ bench/loadgen (built with Go: apt install golang-go, or https://go.dev/dl).
           }),
         ]),
       );
+      cpu.push(row([scenario.name, ...medians.map(cpuPerOp)]));
     }
     console.log(
       `\nLatency p50 / p99 / p99.9 (ms); Jain's index / least-served connection's share of the mean\n`,
@@ -210,6 +231,12 @@ bench/loadgen (built with Go: apt install golang-go, or https://go.dev/dl).
     console.log(row(["scenario", ...names]));
     console.log(row(Array(names.length + 1).fill("---")));
     for (const line of details) console.log(line);
+    console.log(
+      `\nServer CPU (user and system) per round trip or connection (µs), or per MB in bulk (ms)\n`,
+    );
+    console.log(row(["scenario", ...names]));
+    console.log(row(Array(names.length + 1).fill("---")));
+    for (const line of cpu) console.log(line);
     console.log(
       `\nMemory per idle connection (${IDLE_CONNECTIONS} open): ${
         servers.map((server, i) => `${server.name} ${idle[i].toFixed(1)} KiB`).join(", ")

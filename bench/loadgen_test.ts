@@ -52,7 +52,33 @@ Deno.test({
         const { min, p50, p99, p999, max } = summary.ms;
         assert(min! <= p50! && p50! <= p99! && p99! <= p999! && p999! <= max!, mode);
       }
+      assertEquals(summary.serverCpuSeconds, undefined, "no CPU time unless asked");
     }
+  },
+});
+
+Deno.test({
+  name: "loadgen -server-pid reports the CPU time the server used while counting",
+  ignore,
+  async fn() {
+    await using server = serveForTest(); // in this process
+    const { summary } = await runLoadgen(loadgen, {
+      ...load(server.port, "rr"),
+      duration: 0.5,
+      serverPid: Deno.pid,
+    });
+    // This process serves 4 busy connections: it is on the CPU much of the half second.
+    assert(
+      summary.serverCpuSeconds! >= 0.05 && summary.serverCpuSeconds! <= 1.5,
+      `${summary.serverCpuSeconds}`,
+    );
+    const gone = new Deno.Command(loadgen, {
+      args: ["-port", `${server.port}`, "-server-pid", "999999999"],
+      stderr: "piped",
+    });
+    const { code, stderr } = await gone.output();
+    assertEquals(code, 2);
+    assertMatch(new TextDecoder().decode(stderr), /^loadgen: -server-pid 999999999: .*\n$/);
   },
 });
 

@@ -60,6 +60,8 @@ export interface LoadgenOptions {
   warmup?: number;
   /** Seconds an operation may take before it counts as timed out. @default {5} */
   timeout?: number;
+  /** The server's process: the report gives the CPU time it used while counting (Linux). */
+  serverPid?: number;
 }
 
 /** What bench/loadgen prints (schema `echo-loadgen/1`). */
@@ -88,6 +90,8 @@ export interface LoadgenReport {
     worst: number;
     /** Why the first failed connection failed. */
     error?: string;
+    /** CPU seconds the server used while counting (user and system), with `serverPid`. */
+    serverCpuSeconds?: number;
   };
 }
 
@@ -102,6 +106,7 @@ export async function runLoadgen(loadgen: string, options: LoadgenOptions): Prom
   const { port, mode, conns, size, duration = 3, warmup = 0.5, timeout = 5 } = options;
   const flags = { port, mode, conns, size, duration, warmup, timeout };
   const args = Object.entries(flags).flatMap(([name, value]) => [`-${name}`, `${value}`]);
+  if (options.serverPid) args.push("-server-pid", `${options.serverPid}`);
   const { code, stdout, stderr } = await new Deno.Command(loadgen, { args }).output();
   const text = new TextDecoder().decode(stdout);
   if (code > 1 || !text.startsWith("{")) {

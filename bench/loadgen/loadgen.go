@@ -12,7 +12,8 @@
 //
 // and prints one JSON document: operations per second, latency percentiles
 // (nearest rank), Jain's fairness index over the connections, the least-served
-// connection, timeouts and failures. Every message differs by connection and by
+// connection, timeouts and failures; with -server-pid, the CPU time the server
+// used while the operations were counted. Every message differs by connection and by
 // round, so a byte lost, doubled or sent to the wrong connection shows.
 //
 //	go build -o bench/.bin/loadgen ./bench/loadgen
@@ -31,6 +32,7 @@ import (
 	"os"
 	"sort"
 	"strconv"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -88,6 +90,7 @@ func main() {
 	seconds := flag.Float64("duration", 3, "seconds of load counted (idle: seconds held)")
 	warmup := flag.Float64("warmup", 0.5, "seconds of load before the counting starts (rr, bulk, churn)")
 	timeout := flag.Float64("timeout", 5, "seconds an operation may take before it counts as timed out")
+	serverPid := flag.Int("server-pid", 0, "the server's process: report the CPU time it used while counting (Linux)")
 	flag.Parse()
 	o.duration = time.Duration(*seconds * float64(time.Second))
 	o.timeout = time.Duration(*timeout * float64(time.Second))
@@ -107,6 +110,14 @@ func main() {
 		fmt.Fprintf(os.Stderr, "loadgen: -mode must be hello, rr, bulk, churn or idle, got %q\n", o.mode)
 		os.Exit(2)
 	}
+	cpu := func() float64 { return 0 } // the server's CPU seconds so far, if asked
+	if *serverPid != 0 {
+		if _, err := cpuSeconds(*serverPid); err != nil {
+			fmt.Fprintf(os.Stderr, "loadgen: -server-pid %d: %v\n", *serverPid, err)
+			os.Exit(2)
+		}
+		cpu = func() float64 { seconds, _ := cpuSeconds(*serverPid); return seconds }
+	}
 	results := make([]conn, o.conns)
 	conns := make([]net.Conn, o.conns)
 	var done sync.WaitGroup
@@ -122,7 +133,7 @@ func main() {
 	}
 	var w window
 	w.counting.Store(o.warmup == 0)
-	start := time.Now()
+	start, cpuAtStart := time.Now(), cpu()
 	for id := range results {
 		if results[id].err != nil {
 			continue // could not connect
@@ -134,19 +145,21 @@ func main() {
 		}(id)
 	}
 	var elapsed time.Duration
+	var serverCPU float64
 	if o.mode == "hello" { // it runs until every connection has its echo
 		done.Wait()
-		elapsed = time.Since(start)
+		elapsed, serverCPU = time.Since(start), cpu()-cpuAtStart
 	} else {
 		time.Sleep(o.warmup) // the server accepts, its caches and JIT warm up
 		w.counting.Store(true)
-		start = time.Now()
+		start, cpuAtStart = time.Now(), cpu()
 		time.Sleep(o.duration)
 		w.stopped.Store(true)
-		elapsed = time.Since(start)
+		elapsed, serverCPU = time.Since(start), cpu()-cpuAtStart
 		done.Wait()
 	}
 	report := summarize(&o, results, elapsed)
+	report.Summary.ServerCPUSeconds = round(serverCPU, 3)
 	out, _ := json.MarshalIndent(report, "", "  ")
 	fmt.Println(string(out))
 	if report.Summary.Failed > 0 {
@@ -316,6 +329,8 @@ type Sum struct {
 	Jain           float64            `json:"jain"`
 	Worst          float64            `json:"worst"`
 	Error          string             `json:"error,omitempty"`
+	// CPU seconds (user and system, all threads) the -server-pid process used while counting.
+	ServerCPUSeconds float64 `json:"serverCpuSeconds,omitempty"`
 }
 
 func summarize(o *options, results []conn, elapsed time.Duration) Report {
@@ -352,6 +367,26 @@ func summarize(o *options, results []conn, elapsed time.Duration) Report {
 		Load:    Load{Mode: o.mode, Connections: o.conns, Size: o.size, Seconds: round(elapsed.Seconds(), 3)},
 		Summary: sum,
 	}
+}
+
+// cpuSeconds is a process's CPU time so far, user and system, all its threads, from /proc.
+func cpuSeconds(pid int) (float64, error) {
+	stat, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+	if err != nil {
+		return 0, err
+	}
+	// The fields after the command name, which is in parentheses and may hold spaces:
+	// utime and stime, the 14th and 15th of the line, are the 12th and 13th of these.
+	fields := strings.Fields(string(stat[bytes.LastIndexByte(stat, ')')+1:]))
+	if len(fields) < 13 {
+		return 0, fmt.Errorf("unexpected /proc/%d/stat", pid)
+	}
+	utime, err1 := strconv.ParseFloat(fields[11], 64)
+	stime, err2 := strconv.ParseFloat(fields[12], 64)
+	if err1 != nil || err2 != nil {
+		return 0, fmt.Errorf("unexpected /proc/%d/stat", pid)
+	}
+	return (utime + stime) / 100, nil // in clock ticks, 100 a second on Linux (USER_HZ)
 }
 
 // percentiles by nearest rank: the smallest latency at or above that share of all.
