@@ -2,7 +2,7 @@
  * `deno task bench`: main.ts in both concurrent styles on both selectors
  * (epoll on Linux), against the idiomatic Deno echo server
  * (bench/baseline_echo.ts) and, where they are installed, the idiomatic Node
- * and Go ones (bench/peers/), all driven by the repository's native load
+ * and Go ones and the C epoll one (bench/peers/), all driven by the repository's native load
  * generator (bench/loadgen, built here with Go), scenario by scenario and
  * server by server in turn, so that a noisy moment hits all alike. Prints
  * rates, latency percentiles, fairness (Jain's index, the least-served
@@ -18,7 +18,7 @@ import { parseCommandLine } from "../cli.ts";
 import { processUsage } from "../testing/helpers.ts";
 import { chart, type Row } from "./chart.ts";
 import { unsupported } from "../libc.ts";
-import { buildNative, type LoadgenReport, runLoadgen } from "./native.ts";
+import { buildCPeer, buildNative, type LoadgenReport, runLoadgen } from "./native.ts";
 import { type Command, mainTs, SpawnedServer } from "./spawn.ts";
 
 /** A load to measure, in bench/loadgen's terms. */
@@ -48,8 +48,10 @@ interface Contender {
   command: Command;
 }
 
-/** The contenders that run here: Deno's always, epoll on Linux, Node and Go if installed. */
-function contenders(peers: { node: boolean; go: string | undefined }): Contender[] {
+/** The contenders that run here: Deno's always, epoll on Linux, Node, Go and C if installed. */
+function contenders(
+  peers: { node: boolean; go: string | undefined; c: string | undefined },
+): Contender[] {
   const main = (name: string, ...flags: string[]): Contender => ({
     name,
     command: mainTs(...flags),
@@ -80,6 +82,9 @@ function contenders(peers: { node: boolean; go: string | undefined }): Contender
       : []),
     ...(peers.go
       ? [{ name: "Go", command: (port: number) => [peers.go!, `${port}`] }]
+      : []) as Contender[],
+    ...(peers.c
+      ? [{ name: "C epoll", command: (port: number) => [peers.c!, `${port}`] }]
       : []) as Contender[],
   ];
 }
@@ -135,8 +140,9 @@ async function main(args: string[]): Promise<number> {
     name: "bench.ts",
     help: `usage: deno task bench [--duration S] [--runs N]
 
-Compares main.ts with the idiomatic Deno, Node and Go echo servers, through
-bench/loadgen (built with Go: apt install golang-go, or https://go.dev/dl).
+Compares main.ts with the idiomatic Deno, Node and Go echo servers and a C
+epoll one (built with cc, if there is one), through bench/loadgen (built with
+Go: apt install golang-go, or https://go.dev/dl).
 
   --duration S   seconds per scenario and server (default 3)
   --runs N       runs per scenario, medians reported (default 1)`,
@@ -150,7 +156,7 @@ bench/loadgen (built with Go: apt install golang-go, or https://go.dev/dl).
   }
   const node = await new Deno.Command("node", { args: ["--version"], stdout: "null" }).output()
     .then((status) => status.success, () => false);
-  const servers = contenders({ node, go: native.goEcho })
+  const servers = contenders({ node, go: native.goEcho, c: await buildCPeer() })
     .map((contender) => new SpawnedServer(contender.name, contender.command));
   try {
     await Promise.all(servers.map((server) => server.ready()));

@@ -2,8 +2,9 @@
 // wrong byte, counts a timeout, and measures every mode. Needs Go to build it
 // (CI installs it); without Go these tests are ignored.
 import { assert, assertEquals, assertMatch } from "@std/assert";
-import { SELECTORS, serveForTest } from "../testing/helpers.ts";
-import { buildNative, type LoadgenOptions, runLoadgen } from "./native.ts";
+import { getAvailablePort } from "@std/net";
+import { SELECTORS, serveForTest, untilListening } from "../testing/helpers.ts";
+import { buildCPeer, buildNative, type LoadgenOptions, runLoadgen } from "./native.ts";
 
 const go = new Deno.Command("go", { args: ["version"], stdout: "null", stderr: "null" })
   .output().then((status) => status.success, () => false);
@@ -117,5 +118,29 @@ Deno.test({
     const options = { ...load(silent.addr.port, "rr", 2), timeout: 0.2 };
     const timedOut = await runLoadgen(loadgen, options);
     assertEquals([timedOut.summary.failed, timedOut.summary.timeouts], [2, 2]);
+  },
+});
+
+Deno.test({
+  name:
+    "the C peer deno task bench measures against echoes every byte: round trips, bulk with partial writes, churn",
+  ignore: ignore || !(await new Deno.Command("cc", { args: ["--version"], stdout: "null" })
+    .output().then((status) => status.success, () => false)),
+  async fn() {
+    const built = await buildCPeer();
+    const port = getAvailablePort();
+    const peer = new Deno.Command(built!, { args: [`${port}`], stderr: "null" }).spawn();
+    try {
+      await untilListening(port);
+      for (const mode of ["rr", "bulk", "churn"] as const) {
+        const size = mode === "churn" ? 5 : 64 * 1024; // 64 KiB messages: some writes are partial
+        const { summary } = await runLoadgen(loadgen, { ...load(port, mode, 8), size });
+        assertEquals(summary.failed, 0, `${mode}: ${summary.error}`);
+        assert(summary.ops > 0, mode);
+      }
+    } finally {
+      peer.kill();
+      await peer.status;
+    }
   },
 });

@@ -1,8 +1,9 @@
 /**
- * The repository's native tools, built with Go into bench/.bin/: bench/loadgen,
+ * The repository's native tools, built into bench/.bin/: with Go, bench/loadgen,
  * the load generator the figures in docs/ come from, and bench/peers/go_echo.go,
- * the idiomatic Go server `deno task bench` measures against. Go builds them in
- * a second or two once its cache is warm.
+ * the idiomatic Go server `deno task bench` measures against; with a C
+ * compiler, bench/peers/c_echo.c, the epoll selector's loop without a runtime.
+ * Go builds them in a second or two once its cache is warm.
  *
  * @module
  */
@@ -42,6 +43,26 @@ export async function buildNative(): Promise<NativeTools | { missing: string }> 
     }
   }
   return tools;
+}
+
+/**
+ * Builds bench/peers/c_echo.c with `cc`.
+ *
+ * @returns Its path, or undefined without a C compiler.
+ */
+export async function buildCPeer(): Promise<string | undefined> {
+  const [source, built] = [new URL("peers/c_echo.c", import.meta.url).pathname, `${bin}c_echo`];
+  let output: Deno.CommandOutput;
+  try {
+    output = await new Deno.Command("cc", { args: ["-O2", "-o", built, source] }).output();
+  } catch (error) {
+    if (error instanceof Deno.errors.NotFound) return undefined;
+    throw error;
+  }
+  if (!output.success) {
+    throw new Error(`cc ${source} failed:\n${new TextDecoder().decode(output.stderr)}`);
+  }
+  return built;
 }
 
 /** A load for bench/loadgen: its flags. */
