@@ -26,7 +26,16 @@ export interface Row {
 }
 
 /** Baseline grey, blue and orange (the deno selector), green and purple (epoll), then the peers. */
-const COLORS = ["#9aa0a6", "#1a73e8", "#e8710a", "#188038", "#9334e6", "#b06000", "#12b5cb"];
+const COLORS = [
+  "#9aa0a6",
+  "#1a73e8",
+  "#e8710a",
+  "#188038",
+  "#9334e6",
+  "#b06000",
+  "#12b5cb",
+  "#3c4043",
+];
 const LABEL_WIDTH = 120;
 const PANEL_WIDTH = 330;
 const GAP = 40;
