@@ -2,12 +2,13 @@
  * `deno task bench`: main.ts in both concurrent styles on both selectors
  * (epoll on Linux), against the idiomatic Deno echo server
  * (bench/baseline_echo.ts) and, where they are installed, the idiomatic Node
- * and Go ones and the C epoll one (bench/peers/), all driven by the repository's native load
- * generator (bench/loadgen, built here with Go), scenario by scenario and
- * server by server in turn, so that a noisy moment hits all alike. Prints
- * rates, latency percentiles, fairness (Jain's index, the least-served
- * connection, timeouts) and the ratio to the baseline, then the memory each
- * idle connection costs each server; and draws it all as docs/bench.svg.
+ * and Go ones and a C epoll one (bench/peers/), all driven by the
+ * repository's native load generator (bench/loadgen, built here with Go),
+ * scenario by scenario and server by server in turn, so that a noisy moment
+ * hits all alike. Prints rates and the ratio to the baseline, latency
+ * percentiles, fairness (Jain's index, the least-served connection,
+ * timeouts), the server's CPU per operation, then the memory each idle
+ * connection costs each server; and draws it all as docs/bench.svg.
  *
  * Usage: deno task bench [--duration S] [--runs N]
  *

@@ -1,6 +1,7 @@
 // bench/loadgen, the load generator the figures in docs/ come from: it finds a
-// wrong byte, counts a timeout, and measures every mode. Needs Go to build it
-// (CI installs it); without Go these tests are ignored.
+// wrong byte, counts a timeout, and measures every mode; and the C peer that
+// `deno task bench` compares main.ts with. Needs Go to build it, and cc for the
+// C peer (CI installs both); without them these tests are ignored.
 import { assert, assertEquals, assertMatch } from "@std/assert";
 import { getAvailablePort } from "@std/net";
 import { SELECTORS, serveForTest, untilListening } from "../testing/helpers.ts";
