@@ -155,22 +155,34 @@ function dispatch(key: SelectorKey<Waiters>, mask: number): void {
   key.data.ready(mask);
 }
 
+/** A Settler's resolve and reject before its first promise: nothing to settle yet. */
+function unsettled(): void {}
+
 /**
  * One promise at a time whose resolve and reject are kept for the selector's
- * dispatch to call. Its executor is made once, so a new promise costs no
- * closure of ours.
+ * dispatch to call. One executor serves every Settler (it runs inside `new
+ * Promise`, for the Settler that asked), so a Settler and its promises cost no
+ * closure of ours: an idle connection holds two Settlers.
  */
 class Settler<T> {
-  resolve: (value: T) => void = () => {};
-  reject: (error: Error) => void = () => {};
-  readonly #executor = (resolve: (value: T) => void, reject: (error: Error) => void) => {
-    this.resolve = resolve;
-    this.reject = reject;
+  resolve: (value: T) => void = unsettled;
+  reject: (error: Error) => void = unsettled;
+  /** The Settler whose promise is being made, for the shared executor. */
+  static #making: { resolve: (value: never) => void; reject: (error: Error) => void } | undefined;
+  static readonly #executor = (
+    resolve: (value: never) => void,
+    reject: (error: Error) => void,
+  ): void => {
+    Settler.#making!.resolve = resolve;
+    Settler.#making!.reject = reject;
   };
 
   /** A new promise, settled by the next resolve() or reject(). */
   promise(): Promise<T> {
-    return new Promise(this.#executor);
+    Settler.#making = this;
+    const promise = new Promise<T>(Settler.#executor);
+    Settler.#making = undefined;
+    return promise;
   }
 }
 
