@@ -12,6 +12,8 @@ const go = new Deno.Command("go", { args: ["version"], stdout: "null", stderr: "
 const ignore = !(await go);
 const tools = ignore ? undefined : await buildNative();
 const loadgen = tools && "loadgen" in tools ? tools.loadgen : "";
+/** The C peer, built with cc; undefined without one. */
+const cPeer = ignore ? undefined : await buildCPeer();
 
 /** A short load: a tenth of a second to warm up, three tenths counted. */
 function load(port: number, mode: LoadgenOptions["mode"], conns = 4): LoadgenOptions {
@@ -125,12 +127,10 @@ Deno.test({
 Deno.test({
   name:
     "the C peer deno task bench measures against echoes every byte: round trips, bulk with partial writes, churn",
-  ignore: ignore || !(await new Deno.Command("cc", { args: ["--version"], stdout: "null" })
-    .output().then((status) => status.success, () => false)),
+  ignore: !cPeer,
   async fn() {
-    const built = await buildCPeer();
     const port = getAvailablePort();
-    const peer = new Deno.Command(built!, { args: [`${port}`], stderr: "null" }).spawn();
+    const peer = new Deno.Command(cPeer!, { args: [`${port}`], stderr: "null" }).spawn();
     try {
       await untilListening(port);
       for (const mode of ["rr", "bulk", "churn"] as const) {

@@ -13,8 +13,8 @@
 // and prints one JSON document: operations per second, latency percentiles
 // (nearest rank), Jain's fairness index over the connections, the least-served
 // connection, timeouts and failures; with -server-pid, the CPU time the server
-// used while the operations were counted. Every message differs by connection and by
-// round, so a byte lost, doubled or sent to the wrong connection shows.
+// used while the operations were counted. Every message differs by connection
+// and by round, so a byte lost, doubled or sent to the wrong connection shows.
 //
 //	go build -o bench/.bin/loadgen ./bench/loadgen
 //	bench/.bin/loadgen -port 8888 -mode rr -conns 1000 -size 5 -duration 3
