@@ -1049,8 +1049,7 @@ class ConnKey extends BufferedKey {
     if (this.#buf?.byteLength !== this.#nextSize) this.#buf = new Uint8Array(this.#nextSize);
     const n = libc.read(this.fd, this.#buf);
     this.#readIn = this.core.turn;
-    this.#readable = false;
-    this.core.follow(this);
+    this.#readable = false; // EPOLLIN stays: reading never adds interest, so the kernel needs no word
     if (n > 0) {
       if (n === this.#buf.byteLength) this.#nextSize = Math.min(MAX_READ, n * 4);
       else if (n <= this.#buf.byteLength / 16) this.#nextSize = MIN_READ;
@@ -1122,8 +1121,7 @@ class DatagramKey extends BufferedKey {
     const { libc } = this.core;
     const n = libc.recvfrom(this.fd, this.#buf);
     this.#readIn = this.core.turn;
-    this.#readable = false;
-    this.core.follow(this);
+    this.#readable = false; // EPOLLIN stays: reading never adds interest, so the kernel needs no word
     if (n < 0) {
       const errno = libc.errno();
       if (errno === EAGAIN || errno === EINTR) {
