@@ -42,6 +42,17 @@ async function nextEvent(selector: EpollSelector, key: SelectorKey): Promise<num
   throw new Error("the key was not reported ready within 5 s");
 }
 
+Deno.test("select() with a timeout waits about that long; 0, less and a fraction do not wait for ever", async () => {
+  const [selector] = listening(); // a listener nobody connects to: nothing is ready
+  for (const [timeout, least, most] of [[50, 40, 1000], [0, 0, 100], [-5, 0, 100], [0.5, 0, 100]]) {
+    const start = performance.now();
+    assertEquals(await deadline(selector.select(timeout), `select(${timeout})`, 2000), []);
+    const took = performance.now() - start;
+    assert(took >= least && took < most, `select(${timeout}) returned after ${took} ms`);
+  }
+  selector.close();
+});
+
 Deno.test("with 600 connections ready at once, one select() reports every one: no connection waits its turn", async () => {
   const [selector, accepted, port] = listening();
   const peers = await Promise.all(Array.from({ length: 600 }, () => connect(port)));

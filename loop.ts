@@ -304,7 +304,7 @@ export class Selector {
 
   /**
    * Waits until a registered resource is ready, or `timeout` milliseconds pass
-   * (0 polls; none waits, but an empty selector returns at once). A key stays
+   * (0 or less polls; none waits, but an empty selector returns at once). A key stays
    * ready until its callback takes the result (level-triggered).
    *
    * @returns `[key, mask]` pairs, mask being the ready events of interest; the

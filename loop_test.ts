@@ -22,6 +22,7 @@ Deno.test("select() with a timeout returns nothing when nothing is ready", async
   const took = performance.now() - start;
   assert(took >= 40 && took < 1000, `select(50) returned after ${took} ms`);
   assertEquals(await selector.select(0), []);
+  assertEquals(await deadline(selector.select(-5), "select(-5)", 100), []); // less than 0 polls
   selector.close();
   peer.close();
 });
