@@ -122,6 +122,8 @@ const PAUSE_MICROS = 30;
  * hop. Deno's loop waits meanwhile, so this stays short.
  */
 const LINGER_MS = 1;
+/** The longest select() timeout (ms) that is a limit: longer ones wait without, as in loop.ts. */
+const MAX_TIMEOUT = 2 ** 31 - 1;
 /** Events taken from the kernel at once. */
 const MAX_EVENTS = 1024;
 /**
@@ -297,7 +299,8 @@ export class EpollSelector implements BaseSelector {
 
   /**
    * Waits until a registered resource is ready, or `timeout` milliseconds pass
-   * (0 or less polls; none waits, but an empty selector returns at once).
+   * (0 or less polls; none, or more than 2^31-1, waits without limit, but an
+   * empty selector returns at once).
    *
    * @returns `[key, mask]` pairs; the next call reuses the array and the pairs.
    */
@@ -306,8 +309,10 @@ export class EpollSelector implements BaseSelector {
     this.#selecting = true;
     try {
       const idle = this.#closed || this.#keys.size === 0;
-      // epoll_wait() counts whole milliseconds and waits for ever below 0: round up, as Python does
-      const limit = timeout === undefined ? undefined : Math.max(0, Math.ceil(timeout));
+      // epoll_wait() takes whole milliseconds in an int, and waits for ever below 0
+      const limit = timeout === undefined || timeout > MAX_TIMEOUT
+        ? undefined
+        : Math.max(0, Math.ceil(timeout)) || 0; // a fraction rounds up, as Python does; NaN polls
       const waiting = this.#core.poll(idle ? 0 : limit);
       if (typeof waiting !== "number") await waiting;
       return this.#core.collected();

@@ -42,7 +42,7 @@ async function nextEvent(selector: EpollSelector, key: SelectorKey): Promise<num
   throw new Error("the key was not reported ready within 5 s");
 }
 
-Deno.test("select() with a timeout waits about that long; 0, less and a fraction do not wait for ever", async () => {
+Deno.test("select() with a timeout waits about that long; 0, less, a fraction and NaN do not wait for ever; Infinity does", async () => {
   const [selector] = listening(); // a listener nobody connects to: nothing is ready
   for (const [timeout, least, most] of [[50, 40, 1000], [0, 0, 100], [-5, 0, 100], [0.5, 0, 100]]) {
     const start = performance.now();
@@ -50,7 +50,11 @@ Deno.test("select() with a timeout waits about that long; 0, less and a fraction
     const took = performance.now() - start;
     assert(took >= least && took < most, `select(${timeout}) returned after ${took} ms`);
   }
+  assertEquals(await deadline(selector.select(NaN), "select(NaN)", 100), []); // polls, as setTimeout
+  const forever = selector.select(Infinity); // past epoll_wait's int: no limit, as none
+  assertEquals(await Promise.race([forever, delay(100).then(() => "waits")]), "waits");
   selector.close();
+  assertEquals(await deadline(forever, "select() to return after close()", 1000), []);
 });
 
 Deno.test("with 600 connections ready at once, one select() reports every one: no connection waits its turn", async () => {

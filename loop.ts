@@ -304,8 +304,9 @@ export class Selector {
 
   /**
    * Waits until a registered resource is ready, or `timeout` milliseconds pass
-   * (0 or less polls; none waits, but an empty selector returns at once). A key stays
-   * ready until its callback takes the result (level-triggered).
+   * (0 or less polls; none, or more than setTimeout can count (2^31-1), waits
+   * without limit, but an empty selector returns at once). A key stays ready
+   * until its callback takes the result (level-triggered).
    *
    * @returns `[key, mask]` pairs, mask being the ready events of interest; the
    *   next call reuses the array and the pairs.
@@ -407,6 +408,9 @@ export function checkInterest(events: number, listener: boolean): number {
 
 // §2 The core: the ready list, and the keys that fill it ======================
 
+/** The longest select() timeout (ms) setTimeout counts; a longer one waits without limit. */
+const MAX_TIMEOUT = 2 ** 31 - 1;
+
 /**
  * What one selector's keys share: the ready list, the wake-up of `select()`, the keys
  * pinned until the next one. Each `select()` takes the list and reports the keys still
@@ -464,12 +468,13 @@ class SelectorCore {
       // Only old events: let Deno poll I/O first, or this loop would starve it.
       return new Promise((resolve) => setTimeout(resolve, 0));
     }
-    if (this.#ready.length === 0 && !idle && timeout !== 0) return this.#wait(timeout);
+    const polls = timeout !== undefined && !(timeout > 0); // 0, less, or NaN
+    if (this.#ready.length === 0 && !idle && !polls) return this.#wait(timeout);
   }
 
   #wait(timeout: number | undefined): Promise<void> {
     const waiting = new Promise<void>(this.#waitForever);
-    if (timeout === undefined) return waiting;
+    if (timeout === undefined || timeout > MAX_TIMEOUT) return waiting; // past setTimeout's range
     const timer = setTimeout(() => this.wakeUp(), timeout);
     return waiting.finally(() => clearTimeout(timer));
   }

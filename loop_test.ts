@@ -23,7 +23,11 @@ Deno.test("select() with a timeout returns nothing when nothing is ready", async
   assert(took >= 40 && took < 1000, `select(50) returned after ${took} ms`);
   assertEquals(await selector.select(0), []);
   assertEquals(await deadline(selector.select(-5), "select(-5)", 100), []); // less than 0 polls
+  assertEquals(await deadline(selector.select(NaN), "select(NaN)", 100), []); // as does NaN
+  const forever = selector.select(Infinity); // past setTimeout's range: no limit, as none
+  assertEquals(await Promise.race([forever, delay(100).then(() => "waits")]), "waits");
   selector.close();
+  assertEquals(await deadline(forever, "select() to return after close()", 1000), []);
   peer.close();
 });
 
