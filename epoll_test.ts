@@ -233,23 +233,68 @@ Deno.test("Deno's own loop runs while the selector is busy: timers fire within m
   assertLessOrEqual(Math.max(...lateness), 50, `timers ran late by ${lateness.map(Math.round)} ms`);
 });
 
-Deno.test("while idle the selector waits in the kernel: no CPU used", async () => {
+Deno.test("when traffic stops, the selector lets Deno's loop run again: a timer set while busy fires", async () => {
+  // In a child: a selector stuck on the JS thread would freeze this test's own timers too.
   const code = `
     import { EpollSelector } from "${new URL("./epoll.ts", import.meta.url)}";
     import { READ } from "${new URL("./loop.ts", import.meta.url)}";
     const selector = new EpollSelector();
-    selector.register(selector.listen({ hostname: "127.0.0.1", port: 0 }), READ, () => {});
-    console.log("ready");
+    const socket = selector.listenDatagram({ hostname: "127.0.0.1", port: 0 });
+    let timer;
+    selector.register(socket, READ, (key) => {
+      key.recvfrom();
+      clearTimeout(timer);
+      timer = setTimeout(() => console.log("fired"), 100); // 100 ms after the last datagram
+    });
+    console.log(socket.addr.port);
+    await selector.run();`;
+  const child = new Deno.Command("deno", {
+    args: ["eval", "--unstable-net", code],
+    stdout: "piped",
+  })
+    .spawn();
+  const lines = child.stdout.pipeThrough(new TextDecoderStream()).getReader();
+  try {
+    const { value } = await deadline(lines.read(), "the selector to start");
+    const sender = Deno.listenDatagram({ transport: "udp", hostname: "127.0.0.1", port: 0 });
+    const to = { transport: "udp" as const, hostname: "127.0.0.1", port: Number(value) };
+    for (let i = 0; i < 200; i++) await sender.send(new Uint8Array(8), to); // busy, then nothing
+    sender.close();
+    const { value: fired } = await deadline(lines.read(), "a timer after the traffic", 3000);
+    assertEquals(fired?.trim(), "fired");
+  } finally {
+    child.kill("SIGKILL");
+    await child.status;
+    await lines.cancel();
+  }
+});
+
+Deno.test("once idle, after a busy spell, the selector waits in the kernel: no CPU used", async () => {
+  const code = `
+    import { EpollSelector } from "${new URL("./epoll.ts", import.meta.url)}";
+    import { READ } from "${new URL("./loop.ts", import.meta.url)}";
+    const selector = new EpollSelector();
+    const listener = selector.listen({ hostname: "127.0.0.1", port: 0 });
+    selector.register(listener, READ, (key) => {
+      selector.register(key.accept(), READ, (conn) => conn.send(conn.recv() ?? new Uint8Array()));
+    });
+    console.log(listener.addr.port);
     await selector.run();`;
   const child = new Deno.Command("deno", { args: ["eval", code], stdout: "piped" }).spawn();
   const reader = child.stdout.getReader();
-  await deadline(reader.read(), "the idle selector to start");
-  await delay(200);
+  const { value } = await deadline(reader.read(), "the idle selector to start");
+  const peer = await connect(Number(new TextDecoder().decode(value)));
+  for (let i = 0; i < 200; i++) { // busy: each echo is the next turn's event
+    await peer.write(new Uint8Array([i]));
+    assertEquals(await readAll(peer, 1), new Uint8Array([i]));
+  }
+  await delay(200); // then idle, the connection open
   const before = await processUsage(child.pid);
   await delay(1000);
   const after = await processUsage(child.pid);
   child.kill("SIGKILL");
   await child.status;
+  peer.close();
   reader.releaseLock();
   await child.stdout.cancel();
   assertLessOrEqual(after.cpuMs - before.cpuMs, 30, "CPU used in a second of idling (ms)");

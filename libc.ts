@@ -25,7 +25,7 @@ export function unsupported(): string | undefined {
 // Linux's constants (the same on x86_64 and aarch64).
 export const AF_UNIX = 1, AF_INET = 2, AF_INET6 = 10;
 export const SOCK_STREAM = 1, SOCK_DGRAM = 2;
-const SOCK_NONBLOCK = 0o4000, SOCK_CLOEXEC = 0o2000000;
+const SOCK_NONBLOCK = 0o4000, SOCK_CLOEXEC = 0o2000000, CLOCK_MONOTONIC = 1;
 export const SOL_SOCKET = 1, SO_REUSEADDR = 2, SO_REUSEPORT = 15;
 export const IPPROTO_TCP = 6, TCP_NODELAY = 1;
 export const SHUT_WR = 1;
@@ -51,6 +51,8 @@ const SYMBOLS = {
     nonblocking: true,
   },
   eventfd: { parameters: ["u32", "i32"], result: "i32" },
+  timerfd_create: { parameters: ["i32", "i32"], result: "i32" },
+  timerfd_settime: { parameters: ["i32", "i32", "buffer", "pointer"], result: "i32" },
   /** Sleeps on a thread of Deno's pool: Deno's runtime parks meanwhile. */
   usleep_nonblocking: {
     name: "usleep",
@@ -98,6 +100,9 @@ export class Libc {
   readonly #addrLenBytes = new Uint8Array(this.#addrLen.buffer);
   /** The address the last accept(), recvfrom() or sockname() filled in. */
   readonly addr = new Uint8Array(ADDR_SIZE);
+  /** A `struct itimerspec` (interval, then first expiry; seconds and nanoseconds in 64 bits each). */
+  readonly #timerSpec = new BigInt64Array(4);
+  readonly #timerSpecBytes = new Uint8Array(this.#timerSpec.buffer);
   /** One int, for setsockopt(). */
   readonly #int = new Uint8Array(4);
   /** The last sizes passed to C, and the same as bigints (see #size). */
@@ -164,6 +169,18 @@ export class Libc {
 
   eventfd(): number {
     return this.#c.eventfd(0, SOCK_NONBLOCK | SOCK_CLOEXEC);
+  }
+
+  /** A timer on the monotonic clock whose expiries are epoll events. */
+  timerfd(): number {
+    return this.#c.timerfd_create(CLOCK_MONOTONIC, SOCK_NONBLOCK | SOCK_CLOEXEC);
+  }
+
+  /** Makes a timer expire every `ms` milliseconds (less than 1000) from now; 0 stops it. */
+  setTimer(fd: number, ms: number): number {
+    const nanos = BigInt(ms * 1_000_000);
+    this.#timerSpec.set([0n, nanos, 0n, nanos]);
+    return this.#c.timerfd_settime(fd, 0, this.#timerSpecBytes, null);
   }
 
   read(fd: number, into: Uint8Array): number {
