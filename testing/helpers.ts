@@ -394,16 +394,23 @@ export function serveForTest(
 
 /**
  * Peers that vanish: a separate Deno process opens one connection per entry of
- * `writes`, writes that many bytes on it without reading the echo, and `holdMs`
- * later exits without closing them. The kernel then resets every connection
- * with unread data, which is how a crashed peer looks to the server (Deno
- * cannot set SO_LINGER, and its close() sends a FIN first).
+ * `writes`, writes that many bytes on it without reading the echo, and exits
+ * without closing them, `hold` ms later or once `hold` settles. The kernel then
+ * resets every connection with unread data, which is how a crashed peer looks
+ * to the server (Deno cannot set SO_LINGER, and its close() sends a FIN first).
  *
  * @param port The server's port.
  * @param writes How many bytes each connection writes.
- * @param holdMs How long the connections stay open.
+ * @param hold How long the connections stay open (ms), or until when.
  */
-export async function resetStorm(port: number, writes: number[], holdMs = 200): Promise<void> {
+export async function resetStorm(
+  port: number,
+  writes: number[],
+  hold: number | Promise<unknown> = 200,
+): Promise<void> {
+  const holding = typeof hold === "number"
+    ? `await new Promise((resolve) => setTimeout(resolve, ${hold}));`
+    : "for await (const _ of Deno.stdin.readable);"; // until our stdin closes
   const code = `
     const conns = [];
     for (const bytes of ${JSON.stringify(writes)}) {
@@ -411,12 +418,20 @@ export async function resetStorm(port: number, writes: number[], holdMs = 200): 
       conn.write(new Uint8Array(bytes)).catch(() => {}); // the echo is never read
       conns.push(conn);
     }
-    await new Promise((resolve) => setTimeout(resolve, ${holdMs}));
+    ${holding}
     Deno.exit(0);`;
-  const { code: status, stderr } = await deadline(
-    new Deno.Command("deno", { args: ["eval", code], env: { NO_COLOR: "1" } }).output(),
-    "the resetting peers",
-  );
+  const child = new Deno.Command("deno", {
+    args: ["eval", code],
+    env: { NO_COLOR: "1" },
+    stdin: typeof hold === "number" ? "null" : "piped",
+    stdout: "null",
+    stderr: "piped",
+  }).spawn();
+  if (typeof hold !== "number") {
+    const release = () => child.stdin.close().catch(() => {});
+    hold.then(release, release);
+  }
+  const { code: status, stderr } = await deadline(child.output(), "the resetting peers");
   if (status !== 0) {
     throw new Error(`the resetting peers failed: ${new TextDecoder().decode(stderr)}`);
   }
