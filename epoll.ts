@@ -439,7 +439,13 @@ class EpollCore {
     this.epoll = libc.epollCreate();
     this.#wakeFd = libc.eventfd();
     this.#tickFd = libc.timerfd();
-    if (this.epoll < 0 || this.#wakeFd < 0 || this.#tickFd < 0) throw osError(libc, libc.errno());
+    const made = [this.epoll, this.#wakeFd, this.#tickFd];
+    if (made.includes(-1)) { // out of descriptors, say: close what was made
+      const error = osError(libc, libc.errno());
+      for (const fd of made) if (fd >= 0) libc.close(fd);
+      libc.unload();
+      throw error;
+    }
     libc.epollCtl(this.epoll, EPOLL_CTL_ADD, this.#wakeFd, EPOLLIN);
     libc.epollCtl(this.epoll, EPOLL_CTL_ADD, this.#tickFd, EPOLLIN);
   }

@@ -206,6 +206,32 @@ Deno.test("every descriptor is closed once: after connections that reset, half-c
   assertEquals((await processUsage()).fds, before);
 });
 
+Deno.test("out of descriptors, a new selector throws EMFILE and leaves none of its own open", async () => {
+  const code = `
+    import { EpollSelector } from "${new URL("./epoll.ts", import.meta.url)}";
+    const count = () => [...Deno.readDirSync("/proc/self/fd")].length;
+    new EpollSelector().close(); // what Deno loads once is loaded
+    const start = count();
+    const files = [];
+    try { for (;;) files.push(Deno.openSync("/dev/null")); } catch { /* none left */ }
+    const errors = [];
+    for (let free = 1; free <= 2; free++) { // a selector takes three
+      files.pop().close();
+      try { new EpollSelector(); errors.push("none"); } catch (e) { errors.push(e.message); }
+    }
+    for (const file of files) file.close();
+    console.log(JSON.stringify({ errors, leaked: count() - start }));`;
+  const { stdout, stderr } = await new Deno.Command("sh", {
+    args: ["-c", 'ulimit -n 64 && exec deno eval -A "$0"', code],
+    stdout: "piped",
+    stderr: "piped",
+  }).output();
+  const output = new TextDecoder().decode(stdout);
+  assert(output, new TextDecoder().decode(stderr));
+  const emfile = "Too many open files (os error 24)";
+  assertEquals(JSON.parse(output), { errors: [emfile, emfile], leaked: 0 });
+});
+
 Deno.test("Deno's own loop runs while the selector is busy: timers fire within milliseconds", async () => {
   const selector = new EpollSelector();
   const socket = selector.listenDatagram({ hostname: "127.0.0.1", port: 0 });
