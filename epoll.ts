@@ -541,7 +541,12 @@ class EpollCore {
     // Poll, then linger: 1-3.5% more round trips at one connection than lingering at once.
     let n = this.#waitHere(0);
     if (n === 0 && this.#ready.length === 0 && timeout !== 0 && this.#busy) {
-      n = this.#waitHere(-1); // until an event, or the tick's next expiry
+      // Until an event or the tick's next expiry; a caller's timeout bounds the whole wait.
+      const began = performance.now();
+      n = this.#waitHere(timeout === undefined ? -1 : Math.min(timeout, TICK_MS));
+      if (timeout !== undefined) {
+        timeout = Math.max(0, Math.ceil(timeout - (performance.now() - began)));
+      }
     }
     this.#busy = n > 0 || this.#ready.length > 0;
     if (this.#busy !== this.#ticking) { // the tick runs only while busy: idle costs no CPU

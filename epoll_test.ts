@@ -1,7 +1,14 @@
 // The epoll selector alone: what the kernel's readiness gives (every ready socket in one
 // turn), what it asks of the selector (partial writes, hang-ups, errno, descriptors closed
 // once), and Deno's own loop kept running (timers, no CPU while idle).
-import { assert, assertEquals, assertLessOrEqual, assertRejects, assertThrows } from "@std/assert";
+import {
+  assert,
+  assertEquals,
+  assertLess,
+  assertLessOrEqual,
+  assertRejects,
+  assertThrows,
+} from "@std/assert";
 import { EpollSelector } from "./epoll.ts";
 import { type ConnResource, READ, type SelectorKey, WRITE } from "./loop.ts";
 import {
@@ -55,6 +62,26 @@ Deno.test("select() with a timeout waits about that long; 0, less, a fraction an
   assertEquals(await Promise.race([forever, delay(100).then(() => "waits")]), "waits");
   selector.close();
   assertEquals(await deadline(forever, "select() to return after close()", 1000), []);
+});
+
+Deno.test("a busy selector's select(timeout) waits no longer than its timeout: the linger counts", async () => {
+  const [selector, accepted, port] = listening();
+  const peer = await connect(port);
+  await acceptAll(selector, accepted, 1);
+  const key = selector.register(accepted[0], READ, noop);
+  const waits = [];
+  for (let i = 0; i < 21; i++) {
+    await peer.write(new Uint8Array([i]));
+    await nextEvent(selector, key); // a turn with an event: the selector is busy
+    key.recv();
+    const start = performance.now();
+    assertEquals(await selector.select(1), []); // and nothing more comes
+    waits.push(performance.now() - start);
+  }
+  const median = waits.sort((a, b) => a - b)[10];
+  assertLess(median, 4, `select(1) waited ${median.toFixed(1)} ms (the median of 21)`);
+  peer.close();
+  selector.close();
 });
 
 Deno.test("with 600 connections ready at once, one select() reports every one: no connection waits its turn", async () => {
