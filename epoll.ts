@@ -51,7 +51,7 @@ import type {
   SelectorKey,
   TraceEvent,
 } from "./loop.ts";
-import { checkInterest, READ, WRITE } from "./loop.ts";
+import { checkInterest, MAX_TIMEOUT, READ, WRITE } from "./loop.ts";
 import {
   AF_INET,
   AF_INET6,
@@ -125,8 +125,6 @@ const PAUSE_MICROS = 30;
  * connection. A 1 ms tick cost 3-5% at 20 connections; 10 ms costs nothing.)
  */
 const TICK_MS = 10;
-/** The longest select() timeout (ms) that is a limit: longer ones wait without, as in loop.ts. */
-const MAX_TIMEOUT = 2 ** 31 - 1;
 /** Events taken from the kernel at once. */
 const MAX_EVENTS = 1024;
 /**
@@ -400,7 +398,6 @@ class EpollCore {
   readonly #wakeBytes = new Uint8Array(8);
   /** A timer that expires every TICK_MS while the selector is busy; read, it starts the next period. */
   readonly #tickFd: number;
-  #ticking = false;
   /** The kernel's events, EVENT_SIZE bytes each. */
   readonly #events = new Uint8Array(MAX_EVENTS * EVENT_SIZE);
   readonly #eventView = new DataView(this.#events.buffer);
@@ -418,7 +415,7 @@ class EpollCore {
   #parked = 0;
   /** performance.now() when the current wait on Deno's pool began. */
   #awaySince = 0;
-  /** Whether the last turn had anything to report: the next poll lingers on this thread. */
+  /** Whether the last turn had anything to report: the next poll lingers on this thread, and the tick runs. */
   #busy = false;
   /** True while a wait runs on Deno's pool, and whether the eventfd was written since. */
   #away = false;
@@ -548,10 +545,10 @@ class EpollCore {
         timeout = Math.max(0, Math.ceil(timeout - (performance.now() - began)));
       }
     }
-    this.#busy = n > 0 || this.#ready.length > 0;
-    if (this.#busy !== this.#ticking) { // the tick runs only while busy: idle costs no CPU
-      this.#ticking = this.#busy;
-      this.libc.setTimer(this.#tickFd, this.#busy ? TICK_MS : 0);
+    const busy = n > 0 || this.#ready.length > 0;
+    if (busy !== this.#busy) { // the tick runs only while busy: idle costs no CPU
+      this.#busy = busy;
+      this.libc.setTimer(this.#tickFd, busy ? TICK_MS : 0);
     }
     if (this.#busy || timeout === 0) {
       if (performance.now() - this.#parked < TURN_MS) return this.#take(n);

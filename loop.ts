@@ -409,7 +409,7 @@ export function checkInterest(events: number, listener: boolean): number {
 // §2 The core: the ready list, and the keys that fill it ======================
 
 /** The longest select() timeout (ms) setTimeout counts; a longer one waits without limit. */
-const MAX_TIMEOUT = 2 ** 31 - 1;
+export const MAX_TIMEOUT = 2 ** 31 - 1;
 
 /**
  * What one selector's keys share: the ready list, the wake-up of `select()`, the keys
